@@ -1,0 +1,1 @@
+"""Tuner artifacts and the stores that keep them (filesystem, Redis). Never imports torch."""
