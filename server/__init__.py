@@ -1,0 +1,1 @@
+"""The restune inference service: FastAPI routes over a batching multi-task engine."""

@@ -1,0 +1,101 @@
+"""One error taxonomy for the service: a stable ``code`` per failure, mapped to HTTP once.
+
+Raised anywhere in the server (routes, engine, registry); rendered by the app as RFC 9457
+``application/problem+json``. Clients map the same codes back to exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATUS_BY_CODE: dict[str, int] = {
+    "validation_error": 422,
+    "bad_image": 422,
+    "image_too_large": 413,
+    "too_many_images": 413,
+    "too_many_tasks": 422,
+    "no_tasks": 422,
+    "duplicate_task": 422,
+    "unknown_task": 404,
+    "unknown_version": 404,
+    "tuner_not_found": 404,
+    "version_not_found": 404,
+    "not_found": 404,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "overloaded": 503,
+    "store_unavailable": 503,
+    "not_ready": 503,
+    "deadline_exceeded": 504,
+    "invalid_name": 422,
+    "invalid_traffic": 422,
+    "quota_exceeded": 429,
+    "rate_limited": 429,
+    "backbone_mismatch": 409,
+    "artifact_too_large": 413,
+    "artifact_header_too_large": 413,
+    "tuner_load_failed": 500,
+    "internal": 500,
+}
+"""HTTP status of every code. Artifact codes not listed (``artifact_*``) map to 422."""
+
+TITLES: dict[str, str] = {
+    "validation_error": "Invalid request",
+    "bad_image": "Image could not be decoded",
+    "unknown_task": "Unknown task",
+    "overloaded": "Server overloaded",
+    "unauthorized": "Authentication required",
+    "forbidden": "Not allowed",
+}
+
+
+def status_for(code: str) -> int:
+    """HTTP status for a code; unknown ``artifact_*`` codes are client errors (422)."""
+    if code in STATUS_BY_CODE:
+        return STATUS_BY_CODE[code]
+    return 422 if code.startswith("artifact_") else 500
+
+
+class ApiError(Exception):
+    """A failure with a stable code, a human message and optional extra problem fields."""
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status if status is not None else status_for(code)
+        self.retry_after = retry_after
+        self.extra = extra
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.code, self.code.replace("_", " ").capitalize())
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 body."""
+        body: dict[str, Any] = {
+            "type": f"urn:restune:error:{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}

