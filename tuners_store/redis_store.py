@@ -1,0 +1,425 @@
+"""Tuner store in Redis, shared by several server replicas.
+
+Keys (``P`` is the prefix, ``restune`` by default)::
+
+    P:index              hash  name -> JSON VersionInfo of the current version
+    P:traffic            hash  name -> JSON {version: weight} (absent: all to current)
+    P:versions:{name}    hash  version -> JSON VersionInfo
+    P:sha:{name}         hash  sha256 -> version (content addressing)
+    P:ver:{name}         counter; INCR gives the next version; kept after delete
+    P:blob:{name}:{v}    string, the artifact bytes
+    P:epoch, P:seq       identity of this keyspace and a counter of published events
+    P:events             pub/sub channel of JSON {kind, name, version, epoch, seq}
+
+Every mutation is one Lua script, so blobs, index and event are written atomically. Pub/sub
+drops messages while a subscriber is disconnected, so :meth:`RedisStore.watch` yields a
+``resync`` on every (re)connect and whenever the event sequence has a gap or the keyspace's
+epoch changed (a flush, or a restart that lost data). Scripts build key names from the prefix,
+so this store needs a standalone Redis (or one slot), not a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from tuners_store.base import (
+    PutResult,
+    StoredTuner,
+    StoreEvent,
+    TunerStore,
+    Validator,
+    VersionInfo,
+    check_traffic,
+    utc_now,
+)
+from tuners_store.errors import StoreCorrupt, StoreUnavailable, TunerNotFound, VersionNotFound
+from tuners_store.names import validate_qualified_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Shared by every mutating script: stamp the event with the keyspace epoch and a sequence
+# number so a watcher can tell when it missed something.
+_PUBLISH = """
+local function publish(kind, name, version)
+  local epoch = redis.call('GET', KEYS[1])
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[1], epoch)
+  end
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', ARGV[2], cjson.encode(
+    {kind = kind, name = name, version = version, epoch = epoch, seq = seq}))
+end
+"""
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha, 7 ver
+# ARGV: 1 new epoch, 2 channel, 3 name, 4 sha256, 5 blob, 6 size, 7 created_at, 8 blob prefix
+_PUT = (
+    _PUBLISH
+    + """
+local name = ARGV[3]
+local existing = redis.call('HGET', KEYS[6], ARGV[4])
+if existing then
+  local info = redis.call('HGET', KEYS[5], existing)
+  if info then
+    local was = redis.call('HGET', KEYS[3], name)
+    local had_traffic = redis.call('HDEL', KEYS[4], name)
+    if was ~= info then
+      redis.call('HSET', KEYS[3], name, info)
+      publish('current', name, tonumber(existing))
+    end
+    if had_traffic == 1 then publish('traffic', name, nil) end
+    return {0, info}
+  end
+end
+local v = redis.call('INCR', KEYS[7])
+local info = cjson.encode({name = name, version = v, sha256 = ARGV[4],
+                           size = tonumber(ARGV[6]), created_at = ARGV[7]})
+redis.call('SET', ARGV[8] .. v, ARGV[5])
+redis.call('HSET', KEYS[5], v, info)
+redis.call('HSET', KEYS[6], ARGV[4], v)
+redis.call('HSET', KEYS[3], name, info)
+local had_traffic = redis.call('HDEL', KEYS[4], name)
+publish('put', name, v)
+if had_traffic == 1 then publish('traffic', name, nil) end
+return {1, info}
+"""
+)
+# KEYS: 1 index, 2 versions. ARGV: 1 name, 2 version or '', 3 blob prefix.
+# Returns {0} unknown name, {-1} unknown version, else {1, info, blob}.
+_GET = """
+if ARGV[2] == '' then
+  local info = redis.call('HGET', KEYS[1], ARGV[1])
+  if not info then return {0} end
+  local v = cjson.decode(info).version
+  return {1, info, redis.call('GET', ARGV[3] .. v)}
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
+local info = redis.call('HGET', KEYS[2], ARGV[2])
+if not info then return {-1} end
+return {1, info, redis.call('GET', ARGV[3] .. ARGV[2])}
+"""
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha. ARGV: 1, 2, 3 name, 4 blob prefix
+_DELETE = (
+    _PUBLISH
+    + """
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return 0 end
+for _, v in ipairs(redis.call('HKEYS', KEYS[5])) do redis.call('DEL', ARGV[4] .. v) end
+redis.call('DEL', KEYS[5], KEYS[6])
+redis.call('HDEL', KEYS[3], ARGV[3])
+redis.call('HDEL', KEYS[4], ARGV[3])
+publish('delete', ARGV[3], nil)
+return 1
+"""
+)
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions. ARGV: 1, 2, 3 name, 4 version.
+_SET_CURRENT = (
+    _PUBLISH
+    + """
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {0} end
+local info = redis.call('HGET', KEYS[5], ARGV[4])
+if not info then return {-1} end
+local was = redis.call('HGET', KEYS[3], ARGV[3])
+local had_traffic = redis.call('HDEL', KEYS[4], ARGV[3])
+if was ~= info then
+  redis.call('HSET', KEYS[3], ARGV[3], info)
+  publish('current', ARGV[3], tonumber(ARGV[4]))
+end
+if had_traffic == 1 then publish('traffic', ARGV[3], nil) end
+return {1, info}
+"""
+)
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions. ARGV: 1, 2, 3 name, 4 JSON, 5.. versions
+_SET_TRAFFIC = (
+    _PUBLISH
+    + """
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return 0 end
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', KEYS[5], ARGV[i]) == 0 then return -1 end
+end
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
+publish('traffic', ARGV[3], nil)
+return 1
+"""
+)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username + '@' if parts.username else ''}{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class RedisStore(TunerStore):
+    """Tuner store on one Redis, for replicas that must agree on the registered tuners."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "restune",
+        connect_timeout_s: float = 2.0,
+        socket_timeout_s: float = 10.0,
+        reconnect_max_s: float = 5.0,
+        health_check_s: float = 5.0,
+    ) -> None:
+        self.url = redacted(url)
+        self.prefix = prefix
+        self._redis_url = url
+        self._connect_timeout_s = connect_timeout_s
+        self._socket_timeout_s = socket_timeout_s
+        self._reconnect_max_s = reconnect_max_s
+        self._health_check_s = health_check_s
+        # One quick retry covers a pooled connection that died with a Redis restart; more
+        # would only delay the 503 a caller should see while Redis is down.
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=Retry(ConstantBackoff(0.05), 1),
+            health_check_interval=health_check_s,
+        )
+        self._put = self._client.register_script(_PUT)
+        self._get = self._client.register_script(_GET)
+        self._delete = self._client.register_script(_DELETE)
+        self._set_current = self._client.register_script(_SET_CURRENT)
+        self._set_traffic = self._client.register_script(_SET_TRAFFIC)
+        self.channel = f"{prefix}:events"
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _k(self, *parts: object) -> str:
+        return ":".join([self.prefix, *(str(p) for p in parts)])
+
+    def _event_keys(self) -> list[str]:
+        return [self._k("epoch"), self._k("seq")]
+
+    def _event_args(self) -> list[str]:
+        return [uuid.uuid4().hex, self.channel]
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis at {self.url} failed during {what}: {exc}") from exc
+
+    # -- API --------------------------------------------------------------------------------
+
+    async def put(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
+        validate_qualified_name(name)
+        if validate is not None:
+            validate(data)
+        digest = hashlib.sha256(data).hexdigest()
+        keys = [
+            *self._event_keys(),
+            self._k("index"),
+            self._k("traffic"),
+            self._k("versions", name),
+            self._k("sha", name),
+            self._k("ver", name),
+        ]
+        args: builtins.list[str | bytes | int] = [
+            *self._event_args(),
+            *(name, digest, data, len(data), utc_now(), self._k("blob", name, "")),
+        ]
+        created, info = await self._call("put", lambda: self._put(keys=keys, args=args))
+        return PutResult(_info(info), created=bool(created))
+
+    async def get(self, name: str, version: int | None = None) -> StoredTuner:
+        validate_qualified_name(name)
+        keys = [self._k("index"), self._k("versions", name)]
+        args = [name, "" if version is None else str(version), self._k("blob", name, "")]
+        reply = await self._call("get", lambda: self._get(keys=keys, args=args))
+        if reply[0] == 0:
+            raise TunerNotFound(name)
+        if reply[0] == -1:
+            assert version is not None
+            raise VersionNotFound(name, version)
+        info = _info(reply[1])
+        if reply[2] is None:
+            raise StoreCorrupt(f"blob of {name!r} version {info.version} is missing")
+        return StoredTuner(info, bytes(reply[2]))
+
+    async def delete(self, name: str) -> None:
+        validate_qualified_name(name)
+        keys = [
+            *self._event_keys(),
+            self._k("index"),
+            self._k("traffic"),
+            self._k("versions", name),
+            self._k("sha", name),
+        ]
+        args = [*self._event_args(), name, self._k("blob", name, "")]
+        if not await self._call("delete", lambda: self._delete(keys=keys, args=args)):
+            raise TunerNotFound(name)
+
+    async def list(self) -> dict[str, VersionInfo]:
+        raw = await self._call(
+            "list",
+            lambda: self._client.hgetall(self._k("index")),  # type: ignore[arg-type,return-value]
+        )
+        infos = (_info(v) for v in raw.values())
+        return {i.name: i for i in sorted(infos, key=lambda i: i.name)}
+
+    async def versions(self, name: str) -> builtins.list[VersionInfo]:
+        validate_qualified_name(name)
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hexists(self._k("index"), name)
+                pipe.hvals(self._k("versions", name))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        exists, values = await self._call("versions", read)
+        if not exists:
+            raise TunerNotFound(name)
+        return sorted((_info(v) for v in values), key=lambda i: i.version)
+
+    async def set_current(self, name: str, version: int) -> VersionInfo:
+        validate_qualified_name(name)
+        keys = [
+            *self._event_keys(),
+            self._k("index"),
+            self._k("traffic"),
+            self._k("versions", name),
+        ]
+        args = [*self._event_args(), name, str(version)]
+        reply = await self._call("set_current", lambda: self._set_current(keys=keys, args=args))
+        if reply[0] == 0:
+            raise TunerNotFound(name)
+        if reply[0] == -1:
+            raise VersionNotFound(name, version)
+        return _info(reply[1])
+
+    async def get_traffic(self, name: str) -> dict[int, int]:
+        validate_qualified_name(name)
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._k("index"), name)
+                pipe.hget(self._k("traffic"), name)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        current, traffic = await self._call("get_traffic", read)
+        if current is None:
+            raise TunerNotFound(name)
+        if traffic is None:
+            return {_info(current).version: 100}
+        return {int(v): int(w) for v, w in json.loads(traffic).items()}
+
+    async def set_traffic(self, name: str, weights: Mapping[int, int]) -> dict[int, int]:
+        known = {v.version for v in await self.versions(name)}
+        clean = check_traffic(name, weights, known)
+        keys = [
+            *self._event_keys(),
+            self._k("index"),
+            self._k("traffic"),
+            self._k("versions", name),
+        ]
+        doc = json.dumps({str(v): w for v, w in clean.items()})
+        args = [*self._event_args(), name, doc, *(str(v) for v in clean)]
+        reply = await self._call("set_traffic", lambda: self._set_traffic(keys=keys, args=args))
+        if reply == 0:
+            raise TunerNotFound(name)
+        if reply == -1:
+            # A version vanished between reading and writing: only a concurrent delete does that.
+            raise TunerNotFound(name)
+        return clean
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # -- watching ---------------------------------------------------------------------------
+
+    async def _position(self, client: aioredis.Redis) -> tuple[str | None, int]:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.get(self._k("epoch"))
+            pipe.get(self._k("seq"))
+            epoch, seq = await pipe.execute()
+        return (epoch.decode() if epoch is not None else None), int(seq or 0)
+
+    async def watch(self) -> AsyncIterator[StoreEvent]:
+        """Subscribe to the event channel; ``resync`` on (re)connect and on any detected gap.
+
+        While Redis is unreachable this waits (reconnecting with backoff) and yields nothing.
+        """
+        delay = 0.1
+        while True:
+            # A dedicated client without retries: redis-py's own reconnect would resubscribe
+            # silently and hide the messages lost meanwhile.
+            client = aioredis.Redis.from_url(
+                self._redis_url,
+                socket_connect_timeout=self._connect_timeout_s,
+                socket_timeout=self._socket_timeout_s,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=self._health_check_s,
+            )
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                # Only once the server confirmed the subscription is every later change
+                # guaranteed to reach us, so the snapshot position is read after it.
+                while True:
+                    msg = await pubsub.get_message(timeout=self._socket_timeout_s)
+                    if msg is not None and msg["type"] == "subscribe":
+                        break
+                epoch, seq = await self._position(client)
+                delay = 0.1
+                yield StoreEvent("resync")
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None or msg["type"] != "message":
+                        continue
+                    event = json.loads(msg["data"])
+                    if event["seq"] <= seq and event["epoch"] == epoch:
+                        continue  # already reflected in the state read at the last resync
+                    if event["seq"] != seq + 1 or epoch not in (None, event["epoch"]):
+                        log.info("tuner store watch: missed events on %s; resync", self.channel)
+                        epoch, seq = await self._position(client)
+                        yield StoreEvent("resync")
+                        continue
+                    epoch, seq = event["epoch"], event["seq"]
+                    yield StoreEvent(event["kind"], event["name"], event.get("version"))
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.warning(
+                    "tuner store watch: %s unreachable (%s); retry in %.1fs", self.url, exc, delay
+                )
+            finally:
+                await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await _quietly(client.aclose())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._reconnect_max_s)
+
+
+async def _quietly(op: Awaitable[Any]) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await op
+
+
+def _info(raw: bytes | str) -> VersionInfo:
+    return VersionInfo.from_dict(json.loads(raw))
