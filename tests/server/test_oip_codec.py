@@ -1,0 +1,256 @@
+"""The OIP codec against tritonclient's own request encoder and response decoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from server.api.oip_codec import (
+    HEADER_LENGTH,
+    InferRequest,
+    OipCodecError,
+    OutputTensor,
+    classification_strings,
+    decode_request,
+    deserialize_bytes,
+    encode_response,
+    serialize_bytes,
+)
+
+
+def _triton_body(
+    inputs: list[httpclient.InferInput],
+    outputs: list[httpclient.InferRequestedOutput] | None = None,
+) -> tuple[bytes, int | None]:
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(
+        inputs, outputs=outputs, request_id="req-1"
+    )
+    return (body if isinstance(body, bytes) else body.encode()), header_length
+
+
+def test_bytes_roundtrip_and_truncation() -> None:
+    elements = [b"", b"\x00\x01png", "é".encode()]
+    buf = serialize_bytes(elements)
+    assert deserialize_bytes(buf) == elements
+    with pytest.raises(OipCodecError):
+        deserialize_bytes(buf[:-1])
+    with pytest.raises(OipCodecError):
+        deserialize_bytes(b"\x01\x00")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_decodes_tritonclient_bytes_and_fp32_inputs(binary: bool) -> None:
+    images = np.array([b"abc", b"defg"], dtype=np.object_)
+    pixels = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4) / 7
+    a = httpclient.InferInput("image", [2], "BYTES")
+    a.set_data_from_numpy(images, binary_data=binary)
+    b = httpclient.InferInput("pixels", list(pixels.shape), "FP32")
+    b.set_data_from_numpy(pixels, binary_data=binary)
+    body, header_length = _triton_body([a, b], [httpclient.InferRequestedOutput("scores")])
+    req = decode_request(body, header_length)
+    assert req.id == "req-1"
+    image, px = req.input("image"), req.input("pixels")
+    assert image is not None
+    assert px is not None
+    assert image.binary is binary
+    assert px.binary is binary
+    assert list(image.data) == [b"abc", b"defg"]
+    np.testing.assert_array_equal(px.data, pixels)
+    assert px.data.dtype == np.float32
+    assert req.outputs is not None
+    assert req.outputs[0].name == "scores"
+    assert req.outputs[0].binary is True
+
+
+def test_no_outputs_means_binary_output_default() -> None:
+    a = httpclient.InferInput("image", [1], "BYTES")
+    a.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    body, header_length = _triton_body([a])
+    req = decode_request(body, header_length)
+    assert req.outputs is None
+    assert req.binary_output_default is True
+
+
+def test_nested_json_data_is_row_major() -> None:
+    doc = {
+        "inputs": [{"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]
+    }
+    req = decode_request(json.dumps(doc).encode(), None)
+    np.testing.assert_array_equal(req.inputs[0].data, np.array([[1, 2], [3, 4]], dtype=np.int32))
+
+
+@pytest.mark.parametrize(
+    ("doc", "tail", "message"),
+    [
+        ({"inputs": []}, b"", "non-empty"),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]},
+            b"",
+            "datatype",
+        ),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}, b"", "shape"),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]},
+            b"",
+            "1 elements",
+        ),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, b"", "no data"),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": ["a", "b"]}]},
+            b"",
+            "numbers",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ]
+            },
+            b"\x00" * 4,
+            "runs past",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ]
+            },
+            b"\x00" * 4,
+            "expected 8",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ]
+            },
+            b"\x00" * 6,
+            "belong to no input",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": 5},
+                    }
+                ]
+            },
+            b"\x01\x00\x00\x00a",
+            "1 BYTES elements",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "INT32", "shape": [1], "data": [1]},
+                    {"name": "x", "datatype": "INT32", "shape": [1], "data": [1]},
+                ]
+            },
+            b"",
+            "unique",
+        ),
+    ],
+)
+def test_refuses_malformed_requests(doc: dict[str, object], tail: bytes, message: str) -> None:
+    head = json.dumps(doc).encode()
+    with pytest.raises(OipCodecError, match=message):
+        decode_request(head + tail, len(head) if tail else None)
+
+
+def test_refuses_bad_header_length_and_json() -> None:
+    with pytest.raises(OipCodecError, match="outside"):
+        decode_request(b"{}", 10)
+    with pytest.raises(OipCodecError, match="integer"):
+        decode_request(b"{}", "ten")
+    with pytest.raises(OipCodecError, match="invalid"):
+        decode_request(b"{nope", None)
+
+
+def _request(outputs: list[dict[str, object]] | None, binary_default: bool) -> InferRequest:
+    doc: dict[str, object] = {
+        "id": "r",
+        "inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [0]}],
+        "parameters": {"binary_data_output": binary_default},
+    }
+    if outputs is not None:
+        doc["outputs"] = outputs
+    return decode_request(json.dumps(doc).encode(), None)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_response_decodes_with_tritonclient(binary: bool) -> None:
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32)
+    labels = np.array([b"cat", b"chat"], dtype=object)
+    req = _request(
+        [
+            {"name": "scores", "parameters": {"binary_data": binary}},
+            {"name": "labels", "parameters": {"binary_data": binary}},
+        ],
+        binary_default=False,
+    )
+    body, headers = encode_response(
+        req,
+        model_name="m",
+        model_version="3",
+        outputs=[OutputTensor("scores", "FP32", scores), OutputTensor("labels", "BYTES", labels)],
+    )
+    assert (HEADER_LENGTH in headers) is binary
+    result = httpclient.InferenceServerClient.parse_response_body(
+        body, header_length=int(headers[HEADER_LENGTH]) if binary else None
+    )
+    np.testing.assert_array_equal(result.as_numpy("scores"), scores)
+    # JSON BYTES come back as str, binary ones as bytes: both carry the same elements.
+    got = [x if isinstance(x, bytes) else x.encode() for x in result.as_numpy("labels").flat]
+    assert got == [b"cat", b"chat"]
+    response = result.get_response()
+    assert response["model_name"] == "m"
+    assert response["model_version"] == "3"
+    assert response["id"] == "r"
+
+
+def test_binary_data_output_default_and_per_output_override() -> None:
+    req = _request([{"name": "a", "parameters": {"binary_data": False}}], binary_default=True)
+    body, headers = encode_response(
+        req,
+        model_name="m",
+        model_version="1",
+        outputs=[
+            OutputTensor("a", "FP32", np.zeros((1, 2), np.float32)),
+            OutputTensor("b", "FP32", np.ones((1, 2), np.float32)),
+        ],
+    )
+    n = int(headers[HEADER_LENGTH])
+    doc = json.loads(body[:n])
+    assert doc["outputs"][0]["data"] == [0.0, 0.0]
+    assert doc["outputs"][1]["parameters"] == {"binary_data_size": 8}
+    np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4"), [1.0, 1.0])
+
+
+def test_classification_strings_follow_triton_format() -> None:
+    scores = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)  # (B=1, C=3)
+    out = classification_strings(scores, ["a", "b", "c"], 2)
+    assert out.shape == (1, 2)
+    first = out[0, 0].decode().split(":")
+    assert (float(first[0]), first[1], first[2]) == (pytest.approx(0.7), "1", "b")
+    assert out[0, 1].decode().endswith(":2:c")
+    assert classification_strings(scores, ["a", "b", "c"], 10).shape == (1, 3)
