@@ -1,0 +1,271 @@
+"""Micro-batching: concurrent requests' images coalesced into engine batches.
+
+One asyncio task forms batches of up to ``max_batch_images``, waiting at most
+``max_wait_ms`` after the oldest queued image; ONE worker thread runs them, so the backbone
+never runs twice at once and torch keeps all its intra-op threads. While a batch computes,
+new images queue and form the next batch, so under load batches fill without waiting.
+
+The queue is bounded in images: a request that would overflow it is refused at once with
+``overloaded`` (503 + Retry-After) instead of growing memory and latency. Images whose
+deadline passed are dropped before compute. ``drain()`` finishes queued work and refuses new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from server.engine.engine import BatchItem, BatchOutput, ItemOutput
+from server.errors import ApiError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_BOUNDS_S = (1.0, 30.0)
+"""Clamp of the Retry-After advertised when overloaded."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """The batch an image was computed in."""
+
+    batch_id: int
+    size: int
+    backbone_ms: float
+    fanout_ms: float
+
+
+@dataclass(frozen=True)
+class Completed:
+    """One image's answers and what it waited and cost."""
+
+    output: ItemOutput
+    queue_ms: float
+    batch: BatchStats
+
+
+@dataclass(eq=False)
+class _Pending:
+    item: BatchItem
+    future: asyncio.Future[Completed]
+    enqueued: float
+    deadline: float | None
+
+
+class MicroBatcher:
+    """Bounded queue of images, batch former, and the single compute worker."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[BatchItem]], BatchOutput],
+        *,
+        max_batch_images: int,
+        max_wait_ms: float,
+        max_queue_images: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_images < 1 or max_queue_images < 1:
+            raise ValueError("max_batch_images and max_queue_images must be >= 1")
+        self.run_batch = run_batch
+        self.max_batch_images = max_batch_images
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restune-engine")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._busy = False
+        self._batches = 0
+        self._seconds_per_image = 0.01
+        """Moving average of compute time per image: the basis of Retry-After."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the batch former (call from the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="restune-batcher")
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Refuse new images, finish the queued ones (for at most ``grace_s``), stop the worker."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+            except TimeoutError:
+                log.warning("batcher drain timed out; failing %d queued images", len(self._queue))
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                self._fail_all(ApiError("not_ready", "the server is shutting down", retry_after=1))
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting (not yet in a batch)."""
+        return len(self._queue)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(
+        self, items: Sequence[BatchItem], *, deadline: float | None = None
+    ) -> list[Completed]:
+        """Queue ``items`` and wait for their answers, in order.
+
+        ``deadline`` is an absolute ``loop.time()``; past it the request fails with
+        ``deadline_exceeded`` (504) and its images still queued are withdrawn.
+        """
+        pending = self.enqueue(items, deadline=deadline)
+        loop = asyncio.get_running_loop()
+        timeout = None if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            return list(
+                await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout)
+            )
+        except TimeoutError:
+            raise ApiError(
+                "deadline_exceeded", "the request did not finish before its deadline"
+            ) from None
+        finally:
+            self._withdraw(pending)
+
+    def enqueue(
+        self, items: Sequence[BatchItem], *, deadline: float | None = None
+    ) -> list[_Pending]:
+        """Put ``items`` in the queue or refuse them all at once (never partially)."""
+        if self._closing:
+            raise ApiError("not_ready", "the server is shutting down", retry_after=1)
+        if len(items) > self.max_queue_images:
+            raise ApiError(
+                "too_many_images",
+                f"{len(items)} images exceed the queue capacity of {self.max_queue_images}",
+            )
+        if len(self._queue) + len(items) > self.max_queue_images:
+            if self.metrics is not None:
+                self.metrics.rejected.labels(reason="overloaded").inc()
+            raise ApiError(
+                "overloaded",
+                f"{len(self._queue)} images are queued (limit {self.max_queue_images}); "
+                "retry later",
+                retry_after=self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._queue.extend(pending)
+        self._report_depth()
+        self._arrived.set()
+        return pending
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained, clamped to a sane range."""
+        backlog = (len(self._queue) + (self.max_batch_images if self._busy else 0)) * (
+            self._seconds_per_image
+        )
+        low, high = RETRY_AFTER_BOUNDS_S
+        return float(min(high, max(low, math.ceil(backlog))))
+
+    def _withdraw(self, pending: list[_Pending]) -> None:
+        """Remove a finished or abandoned request's images that are still queued."""
+        waiting = [p for p in pending if not p.future.done()]
+        if not waiting:
+            return
+        for p in waiting:
+            p.future.cancel()
+        gone = set(map(id, waiting))
+        self._queue = deque(p for p in self._queue if id(p) not in gone)
+        self._report_depth()
+
+    # ------------------------------------------------------------------ batch former
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            close_at = self._queue[0].enqueued + self.max_wait_s
+            while len(self._queue) < self.max_batch_images and not self._closing:
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            batch = self._take(loop.time())
+            if batch:
+                await self._compute(batch)
+
+    def _take(self, now: float) -> list[_Pending]:
+        """Up to ``max_batch_images`` live images from the head; expired ones fail here."""
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch_images:
+            p = self._queue.popleft()
+            if p.future.done():  # withdrawn (client gone, deadline hit while queued)
+                continue
+            if p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(
+                    ApiError("deadline_exceeded", "the image waited in the queue past its deadline")
+                )
+                continue
+            batch.append(p)
+        self._report_depth()
+        if self.metrics is not None:
+            for p in batch:
+                self.metrics.queue_wait.observe(now - p.enqueued)
+        return batch
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._busy = True
+        self._batches += 1
+        batch_id = self._batches
+        try:
+            output = await loop.run_in_executor(
+                self._executor, self.run_batch, [p.item for p in batch]
+            )
+            if len(output.items) != len(batch):
+                raise RuntimeError(f"engine answered {len(output.items)} of {len(batch)} images")
+        except Exception as exc:
+            log.exception("engine batch of %d images failed", len(batch))
+            error = ApiError("internal", f"the engine failed on this batch: {type(exc).__name__}")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
+        finally:
+            self._busy = False
+        elapsed = loop.time() - started
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (elapsed / len(batch))
+        stats = BatchStats(batch_id, len(batch), output.backbone_ms, output.fanout_ms)
+        for p, item_output in zip(batch, output.items, strict=True):
+            if not p.future.done():
+                p.future.set_result(Completed(item_output, (started - p.enqueued) * 1000.0, stats))
+
+    def _fail_all(self, error: ApiError) -> None:
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(error)
+        self._report_depth()
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))

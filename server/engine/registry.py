@@ -1,0 +1,642 @@
+"""Which tuners exist, which versions serve, and which are loaded in memory.
+
+The registry mirrors the store's index (current version and canary traffic per name) by
+consuming ``store.watch()`` in a background task, so a tuner registered on another replica
+serves here without a restart. Loaded versions are immutable :class:`LoadedTuner` snapshots
+in an LRU bounded by ``tuner_memory_bytes`` (pinned names are never evicted).
+
+Consistency rules:
+
+- A new current version is loaded off the request path first, then swapped in with one
+  assignment; requests in between keep getting the old version.
+- Loads of one name are serialised by a per-name ``asyncio.Lock`` and re-check the loaded
+  set after taking it (two requests never build the same version twice).
+- Every delete bumps the name's generation; a load that started before it sees the change
+  when it finishes and discards its result, so a delete is never undone by a racing load.
+- If the store is unreachable, what is loaded keeps serving; registration answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from restuning.artifact_io import load_task
+from server.engine.loaded_tuner import LoadedTuner, module_nbytes
+from server.engine.runtime import Backbone
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.settings import Settings
+from tuners_store import (
+    InvalidName,
+    StoreError,
+    StoreEvent,
+    StoreUnavailable,
+    TunerNotFound,
+    TunerStore,
+    VersionInfo,
+    VersionNotFound,
+)
+from tuners_store.artifact import ArtifactError, read_header, validate_artifact
+from tuners_store.config import TunerConfig, parameter_count
+
+log = logging.getLogger(__name__)
+
+STORE_RETRY_AFTER_S = 5.0
+"""Retry-After sent with ``store_unavailable``."""
+WATCH_BACKOFF_S = (0.2, 10.0)
+"""First and longest wait before re-subscribing to a watch that failed."""
+
+VersionKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TunerSummary:
+    """One row of ``GET /v1/tuners``."""
+
+    info: VersionInfo
+    config: TunerConfig | None
+    """``None`` when the artifact could not be read (store unreachable, never loaded here)."""
+    loaded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row."""
+        c = self.config
+        return {
+            "name": self.info.name,
+            "version": self.info.version,
+            "sha256": self.info.sha256,
+            "kind": c.task if c else None,
+            "labels": list(c.labels) if c else None,
+            "params": parameter_count(c) if c else None,
+            "bytes": self.info.size,
+            "loaded": self.loaded,
+            "pooling": c.pooling if c else None,
+            "tuner": c.bypass.tuner if c else None,
+            "created_at": self.info.created_at,
+            "description": c.description if c else None,
+            "training": c.training.model_dump(mode="json") if c else None,
+        }
+
+
+@dataclass(frozen=True)
+class TunerDetail:
+    """``GET /v1/tuners/{name}``: the summary plus config, versions and traffic."""
+
+    summary: TunerSummary
+    versions: list[VersionInfo]
+    loaded_versions: frozenset[int]
+    traffic: dict[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body."""
+        body = self.summary.to_dict()
+        body["config"] = (
+            self.summary.config.model_dump(mode="json") if self.summary.config else None
+        )
+        body["versions"] = [
+            {**v.to_dict(), "loaded": v.version in self.loaded_versions} for v in self.versions
+        ]
+        body["traffic"] = {str(k): w for k, w in self.traffic.items()}
+        return body
+
+
+def pick_version(name: str, weights: dict[int, int], digest: str) -> int:
+    """The version an image gets under a canary split: deterministic in (name, digest).
+
+    The same image always sees the same version of a task (until the weights change), and
+    different tasks split independently.
+    """
+    total = sum(weights.values())
+    point = int.from_bytes(hashlib.sha256(f"{name}\0{digest}".encode()).digest()[:8]) % total
+    for version, weight in sorted(weights.items()):
+        if point < weight:
+            return version
+        point -= weight
+    raise AssertionError("unreachable: weights sum to total")
+
+
+class TunerRegistry:
+    """Names -> versions -> loaded task modules, kept in step with the store."""
+
+    def __init__(
+        self,
+        store: TunerStore,
+        backbone: Backbone,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        tuner_device: torch.device | str = "cpu",
+    ) -> None:
+        self.store = store
+        self.backbone = backbone
+        self.settings = settings
+        self.metrics = metrics
+        self.tuner_device = torch.device(tuner_device)
+        self.memory_budget = settings.tuner_memory_bytes
+        self.pinned = frozenset(settings.pinned_tuners)
+        self._index: dict[str, VersionInfo] = {}
+        """Current version per name, as served (swapped only once the version is loaded)."""
+        self._traffic: dict[str, dict[int, int]] = {}
+        """Canary weights per name, only where more than one version gets traffic."""
+        self._loaded: OrderedDict[VersionKey, LoadedTuner] = OrderedDict()
+        self._loaded_bytes = 0
+        self._configs: dict[str, tuple[str, TunerConfig]] = {}
+        """Config of each name's current artifact, by sha256 (listing without reloading)."""
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._generation: dict[str, int] = {}
+        """Bumped when a name is deleted: loads started before see it and give up."""
+        self._change: dict[str, int] = {}
+        """Bumped on every index change of a name: only the latest refresh may swap."""
+        self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.store_ok = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Read the index, preload pinned tuners, and start following the store's changes."""
+        try:
+            await self._resync()
+        except StoreError as exc:
+            self.store_ok = False
+            log.warning(
+                "tuner store %s unreachable at start (%s); serving nothing yet", self.store.url, exc
+            )
+        for name in sorted(self.pinned & self._index.keys()):
+            with contextlib.suppress(ApiError):
+                await self.resolve(name)
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="restune-registry-watch")
+
+    async def stop(self) -> None:
+        """Stop following the store and finish nothing in the background."""
+        self._closed = True
+        tasks = [*self._background, *([self._watch_task] if self._watch_task else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ------------------------------------------------------------------ serving
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is in the mirrored index."""
+        return name in self._index
+
+    def current(self, name: str) -> VersionInfo | None:
+        """The version requests for plain ``name`` get (``None`` if unknown here)."""
+        return self._index.get(name)
+
+    def has_split(self, name: str) -> bool:
+        """Whether plain ``name`` is split between versions (the version depends on the image)."""
+        return name in self._traffic
+
+    async def resolve(
+        self, name: str, version: int | None = None, image_digest: str | None = None
+    ) -> LoadedTuner:
+        """The loaded tuner a request for ``name`` (``@version``) gets, loading it if needed.
+
+        Raises ``unknown_task`` / ``unknown_version`` (404) or ``tuner_load_failed``.
+        """
+        info = self._index.get(name)
+        if info is None:
+            info = await self._discover(name)
+        if version is None:
+            version = info.version
+            weights = self._traffic.get(name)
+            if weights and image_digest is not None:
+                version = pick_version(name, weights, image_digest)
+        found = self._loaded.get((name, version))
+        if found is not None:
+            self._loaded.move_to_end((name, version))
+            return found
+        return await self._load(name, version)
+
+    async def _discover(self, name: str) -> VersionInfo:
+        """A name missing from the index: ask the store once (its event may still be coming)."""
+        try:
+            stored = await self.store.versions(name)
+            info = (await self.store.get(name)).info if stored else None
+        except (TunerNotFound, InvalidName, VersionNotFound):
+            info = None
+        except StoreError as exc:
+            log.info("store lookup of unknown task %r failed: %s", name, exc)
+            info = None
+        if info is None or self._closed:
+            raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
+        if name not in self._index:
+            self._set_current(name, info)
+        return self._index[name]
+
+    async def _load(
+        self,
+        name: str,
+        version: int,
+        data: bytes | None = None,
+        info: VersionInfo | None = None,
+        *,
+        generation: int | None = None,
+    ) -> LoadedTuner:
+        """Build version ``version`` of ``name`` (from ``data`` when given) under its lock.
+
+        ``generation`` is the name's generation the caller started from (default: now); if a
+        delete bumped it by the time the module is built, the result is thrown away.
+        """
+        async with self._lock(name):
+            found = self._loaded.get((name, version))
+            if found is not None:
+                return found
+            if generation is None:
+                generation = self._generation.get(name, 0)
+            started = time.perf_counter()
+            if data is None or info is None:
+                try:
+                    stored = await self.store.get(name, version)
+                except (TunerNotFound, InvalidName):
+                    raise ApiError(
+                        "unknown_task", f"no task named {name!r} is registered", task=name
+                    ) from None
+                except VersionNotFound:
+                    raise ApiError(
+                        "unknown_version",
+                        f"task {name!r} has no version {version}",
+                        task=name,
+                        version=version,
+                    ) from None
+                except StoreError as exc:
+                    raise ApiError(
+                        "tuner_load_failed",
+                        f"task {name!r} v{version} is not loaded and the store failed: {exc}",
+                        task=name,
+                    ) from exc
+                data, info = stored.data, stored.info
+            try:
+                module = await asyncio.to_thread(self._build, data)
+            except ArtifactError as exc:
+                raise ApiError(
+                    "tuner_load_failed",
+                    f"task {name!r} v{version} cannot be loaded: {exc.message}",
+                    task=name,
+                ) from exc
+            if self._generation.get(name, 0) != generation or self._closed:
+                # Deleted while we were loading: do not bring it back.
+                raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
+            loaded = LoadedTuner(
+                name=name,
+                version=info.version,
+                sha256=info.sha256,
+                config=module.config,
+                module=module,
+                nbytes=module_nbytes(module),
+                info=info,
+            )
+            self._configs[name] = (info.sha256, module.config)
+            self._loaded[(name, version)] = loaded
+            self._loaded_bytes += loaded.nbytes
+            self._evict(keep=(name, version))
+            if self.metrics is not None:
+                self.metrics.tuner_load.observe(time.perf_counter() - started)
+            self._report()
+            log.info("loaded tuner %s v%d (%d bytes)", name, version, loaded.nbytes)
+            return loaded
+
+    def _build(self, data: bytes) -> Any:
+        """Validate and build a task module on the tuner device (float32). Runs in a thread."""
+        module = load_task(
+            data,
+            self.backbone.final_norm,
+            expect_fingerprint=self.backbone.fingerprint,
+            dtype=torch.float32,
+            max_bytes=self.settings.max_artifact_bytes,
+        )
+        return module.to(device=self.tuner_device, dtype=torch.float32).eval()
+
+    def _evict(self, keep: VersionKey | None = None) -> None:
+        """Drop least recently used unpinned versions until the budget holds."""
+        for key in list(self._loaded):
+            if self._loaded_bytes <= self.memory_budget:
+                break
+            if key == keep or key[0] in self.pinned:
+                continue
+            self._unload(key)
+            if self.metrics is not None:
+                self.metrics.tuners_evicted.inc()
+            log.info("evicted tuner %s v%d (memory budget %d bytes)", *key, self.memory_budget)
+
+    def _unload(self, key: VersionKey) -> None:
+        loaded = self._loaded.pop(key, None)
+        if loaded is not None:
+            self._loaded_bytes -= loaded.nbytes
+
+    def is_loaded(self, name: str, version: int) -> bool:
+        return (name, version) in self._loaded
+
+    @property
+    def loaded_bytes(self) -> int:
+        return self._loaded_bytes
+
+    # ------------------------------------------------------------------ admin
+
+    async def register(self, name: str, data: bytes) -> tuple[VersionInfo, bool]:
+        """Validate and store an artifact as the new current version of ``name``, and load it.
+
+        Returns (version info, created); ``created`` is False when identical bytes already
+        were a version of ``name`` (that version is current again).
+        """
+        try:
+            header = await asyncio.to_thread(
+                validate_artifact,
+                data,
+                expect_fingerprint=self.backbone.fingerprint,
+                expect_arch=self.backbone.arch,
+                max_bytes=self.settings.max_artifact_bytes,
+            )
+        except ArtifactError as exc:
+            self._count_registration(exc.code)
+            raise ApiError(exc.code, exc.message, task=name) from exc
+        if header.config.name != name:
+            self._count_registration("artifact_name_mismatch")
+            raise ApiError(
+                "artifact_name_mismatch",
+                f"the artifact is tuner {header.config.name!r}; upload it as that name "
+                f"(PUT /v1/tuners/{header.config.name}), not as {name!r}",
+                task=name,
+            )
+        async with self._lock(name):
+            generation = self._generation.get(name, 0)
+            try:
+                result = await self.store.put(name, data)
+            except StoreError as exc:
+                self._count_registration(exc.code)
+                raise self._store_error(exc, name) from exc
+            self.store_ok = True
+        loaded = await self._load(
+            name, result.info.version, data, result.info, generation=generation
+        )
+        if self._generation.get(name, 0) == generation:
+            self._swap(name, result.info)
+        self._count_registration("created" if result.created else "unchanged")
+        log.info(
+            "registered tuner %s v%d (%s)",
+            name,
+            loaded.version,
+            "new" if result.created else "identical bytes",
+        )
+        return result.info, result.created
+
+    async def delete(self, name: str) -> None:
+        """Remove ``name`` from the store and from memory."""
+        async with self._lock(name):
+            try:
+                await self.store.delete(name)
+            except (TunerNotFound, InvalidName):
+                raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+            except StoreError as exc:
+                raise self._store_error(exc, name) from exc
+            self._forget(name)
+        log.info("deleted tuner %s", name)
+
+    async def set_current(self, name: str, version: int) -> VersionInfo:
+        """Make an existing version current (rollback); loads it first."""
+        try:
+            info = await self.store.set_current(name, version)
+        except (TunerNotFound, InvalidName):
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+        except VersionNotFound:
+            raise ApiError(
+                "version_not_found", f"tuner {name!r} has no version {version}", task=name
+            ) from None
+        except StoreError as exc:
+            raise self._store_error(exc, name) from exc
+        await self._load(name, version)
+        self._swap(name, info)
+        return info
+
+    async def list_tuners(self) -> list[TunerSummary]:
+        """Every registered tuner's current version, by name."""
+        out = []
+        for name in sorted(self._index):
+            info = self._index.get(name)
+            if info is None:
+                continue
+            config = await self._config_of(info)
+            out.append(TunerSummary(info, config, self.is_loaded(name, info.version)))
+        return out
+
+    async def describe(self, name: str) -> TunerDetail:
+        """One tuner: summary, full config, every version, traffic."""
+        info = self._index.get(name)
+        if info is None:
+            try:
+                info = await self._discover(name)
+            except ApiError:
+                raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+        try:
+            versions = await self.store.versions(name)
+        except TunerNotFound:
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+        except StoreError:
+            versions = [info]  # store down: say what we know
+        config = await self._config_of(info)
+        loaded = frozenset(v for (n, v) in self._loaded if n == name)
+        traffic = self._traffic.get(name, {info.version: 100})
+        return TunerDetail(
+            TunerSummary(info, config, info.version in loaded), versions, loaded, traffic
+        )
+
+    async def _config_of(self, info: VersionInfo) -> TunerConfig | None:
+        cached = self._configs.get(info.name)
+        if cached is not None and cached[0] == info.sha256:
+            return cached[1]
+        loaded = self._loaded.get((info.name, info.version))
+        if loaded is not None:
+            return loaded.config
+        try:
+            stored = await self.store.get(info.name, info.version)
+            config = read_header(stored.data, max_bytes=self.settings.max_artifact_bytes).config
+        except StoreError as exc:
+            log.info("config of %s v%d unavailable: %s", info.name, info.version, exc)
+            return None
+        self._configs[info.name] = (info.sha256, config)
+        return config
+
+    # ------------------------------------------------------------------ index mirroring
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _set_current(self, name: str, info: VersionInfo) -> None:
+        self._index[name] = info
+        self._change[name] = self._change.get(name, 0) + 1
+        self._report()
+
+    def _swap(self, name: str, info: VersionInfo) -> None:
+        """Make ``info`` the served version of ``name``; older unused versions leave memory."""
+        previous = self._index.get(name)
+        self._set_current(name, info)
+        self._traffic.pop(name, None)  # a new current version clears any canary split
+        if previous is not None and previous.version != info.version:
+            self._unload((name, previous.version))
+            self._report()
+
+    def _forget(self, name: str) -> None:
+        """``name`` is gone: bump its generation and drop everything about it."""
+        self._generation[name] = self._generation.get(name, 0) + 1
+        self._change[name] = self._change.get(name, 0) + 1
+        self._index.pop(name, None)
+        self._traffic.pop(name, None)
+        self._configs.pop(name, None)
+        for key in [k for k in self._loaded if k[0] == name]:
+            self._unload(key)
+        lock = self._locks.get(name)
+        if lock is not None and not lock.locked():
+            del self._locks[name]
+        self._report()
+
+    async def _watch_loop(self) -> None:
+        delay = WATCH_BACKOFF_S[0]
+        while not self._closed:
+            try:
+                async for event in self.store.watch():
+                    delay = WATCH_BACKOFF_S[0]
+                    await self.apply_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.store_ok = False
+                log.warning("tuner store watch failed (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_BACKOFF_S[1])
+
+    async def apply_event(self, event: StoreEvent) -> None:
+        """Follow one store change (from this process or another replica)."""
+        if event.kind == "resync" or event.name is None:
+            try:
+                await self._resync()
+            except StoreError as exc:
+                self.store_ok = False
+                log.warning("tuner store resync failed: %s", exc)
+            return
+        name = event.name
+        if event.kind == "delete":
+            if name in self._index:
+                self._forget(name)
+                log.info("tuner %s deleted elsewhere", name)
+            return
+        if event.kind in ("put", "current"):
+            current = self._index.get(name)
+            if current is not None and current.version == event.version:
+                self._traffic.pop(name, None)  # a put or rollback clears any canary split
+                return  # e.g. our own registration, already applied
+            self._spawn(self._refresh(name, event.version, self._change.get(name, 0)))
+        elif event.kind == "traffic":
+            self._spawn(self._refresh_traffic(name))
+
+    async def _resync(self) -> None:
+        """Re-read the whole index; apply every difference."""
+        snapshot = await self.store.snapshot()
+        self.store_ok = True
+        for name in [n for n in self._index if n not in snapshot]:
+            self._forget(name)
+        for name, info in snapshot.items():
+            mine = self._index.get(name)
+            if mine is None:
+                self._set_current(name, info)
+            elif mine.version != info.version or mine.sha256 != info.sha256:
+                if self.is_loaded(name, mine.version):
+                    self._spawn(self._refresh(name, info.version, self._change.get(name, 0)))
+                else:
+                    self._swap(name, info)
+            self._spawn(self._refresh_traffic(name))
+        self._report()
+
+    async def _refresh(self, name: str, version: int | None, change: int) -> None:
+        """Load ``name`` v``version`` off the request path, then swap it in if still newest."""
+        try:
+            if version is None:
+                version = (await self.store.get(name)).info.version
+            loaded = await self._load(name, version)
+        except ApiError as exc:
+            log.warning("preloading tuner %s v%s failed: %s", name, version, exc.detail)
+            if exc.code in ("unknown_task", "unknown_version"):
+                return
+            # Unloadable (corrupt, store down): still follow the index so requests get
+            # the per-task error for the version the store says is current.
+            try:
+                info = (await self.store.get(name, version)).info
+            except StoreError:
+                return
+            if self._change.get(name, 0) == change:
+                self._swap(name, info)
+            return
+        except StoreError as exc:
+            log.warning("preloading tuner %s failed: %s", name, exc)
+            return
+        if self._change.get(name, 0) == change and loaded.info is not None:
+            self._swap(name, loaded.info)
+            log.info("now serving tuner %s v%d", name, loaded.version)
+
+    async def _refresh_traffic(self, name: str) -> None:
+        """Mirror ``name``'s canary weights; only real splits are kept."""
+        try:
+            weights = await self.store.get_traffic(name)
+        except StoreError as exc:
+            log.info("traffic of %s unavailable: %s", name, exc)
+            return
+        live = {v: w for v, w in weights.items() if w > 0}
+        current = self._index.get(name)
+        if current is None:
+            return
+        if len(live) <= 1:
+            self._traffic.pop(name, None)
+        else:
+            self._traffic[name] = dict(sorted(live.items()))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for background refreshes started so far (tests, orderly shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _store_error(self, exc: StoreError, name: str) -> ApiError:
+        if isinstance(exc, StoreUnavailable):
+            self.store_ok = False
+            return ApiError(
+                "store_unavailable",
+                f"the tuner store is unavailable: {exc.message}",
+                retry_after=STORE_RETRY_AFTER_S,
+            )
+        return ApiError(exc.code, exc.message, task=name)
+
+    def _count_registration(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.registrations.labels(result=result).inc()
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.tuners_registered.set(len(self._index))
+            self.metrics.tuners_loaded.set(len(self._loaded))
+
+    def loaded_tuners(self) -> Iterable[LoadedTuner]:
+        """Loaded versions, least recently used first."""
+        return list(self._loaded.values())

@@ -1,0 +1,402 @@
+"""The facade the HTTP layer talks to: predict, the tuner registry, readiness.
+
+Request path: validate the task list -> resolve every task once (404 before any decoding) ->
+decode + preprocess in a small thread pool (never on the event loop) -> micro-batcher ->
+engine -> one JSON body. Nothing here knows HTTP; failures are :class:`ApiError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from restuning.preprocess import preprocess
+from server.engine.batcher import Completed, MicroBatcher
+from server.engine.decode import decode_image, pixel_digest
+from server.engine.engine import Answer, BatchItem, Engine, task_error
+from server.engine.feature_cache import FeatureCache
+from server.engine.loaded_tuner import LoadedTuner
+from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
+from server.engine.runtime import Backbone, load_backbone_runtime
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.settings import Settings
+from tuners_store import TunerStore, open_store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InferenceService", "TaskRef", "TunerDetail", "TunerSummary", "tensor_digest"]
+
+READY_PING_TIMEOUT_S = 2.0
+"""How long /readyz waits for the store to answer."""
+
+_RESOLVE_FATAL = frozenset({"unknown_task", "unknown_version"})
+"""Resolution failures that fail the whole request; the others become per-task errors."""
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A task named in a request: ``name`` (current or canary version) or ``name@version``."""
+
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TaskRef:
+        """``"a"`` -> current version of a; ``"a@3"`` -> version 3 of a."""
+        text = text.strip()
+        name, sep, version = text.rpartition("@")
+        if not sep:
+            return cls(text)
+        if not name or not version.isdigit() or int(version) < 1:
+            raise ApiError(
+                "validation_error",
+                f"task {text!r}: pin a version as name@N with N >= 1",
+                task=text,
+            )
+        return cls(name, int(version))
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+_Prepared = tuple[torch.Tensor, str]
+"""(pixels (3, H, W) float32, digest) of one image."""
+
+_Plan = LoadedTuner | ApiError
+"""A task resolved for the request, or the per-task error it answers with."""
+
+
+class InferenceService:
+    """Backbone + registry + batcher + engine, wired from :class:`Settings`."""
+
+    registry: TunerRegistry
+    engine: Engine
+    batcher: MicroBatcher
+    cache: FeatureCache
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        backbone: Backbone | None = None,
+        store: TunerStore | None = None,
+    ) -> None:
+        """``backbone`` / ``store`` replace the ones the settings name (tests, other runtimes)."""
+        self.settings = settings
+        self.metrics = metrics
+        self._backbone = backbone
+        self._store = store
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self.started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load the backbone, open the store, start registry sync and the batcher."""
+        s = self.settings
+        if self._backbone is None:
+            self._backbone = await asyncio.to_thread(load_backbone_runtime, s)
+        if self._store is None:
+            self._store = open_store(s.store)
+        self.cache = FeatureCache(s.feature_cache_bytes, self.metrics)
+        self.engine = Engine(
+            self._backbone,
+            self.cache,
+            self.metrics,
+            tuner_device=s.device,
+            group_cache_bytes=s.tuner_memory_bytes,
+        )
+        self.registry = TunerRegistry(
+            self._store, self._backbone, s, self.metrics, tuner_device=s.device
+        )
+        await self.registry.start()
+        self.batcher = MicroBatcher(
+            self.engine.run_batch,
+            max_batch_images=s.max_batch_images,
+            max_wait_ms=s.max_wait_ms,
+            max_queue_images=s.max_queue_images,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        self._decode_pool = ThreadPoolExecutor(
+            s.decode_threads, thread_name_prefix="restune-decode"
+        )
+        b = self._backbone
+        self.metrics.backbone_info.labels(
+            arch=b.arch,
+            runtime=b.runtime,
+            device=b.device,
+            dtype=b.dtype,
+            providers=",".join(b.providers),
+        ).set(1)
+        self.started = True
+
+    async def stop(self) -> None:
+        """Finish queued work, refuse new, then close the registry and the store."""
+        if not self.started:
+            return
+        self.started = False
+        await self.batcher.drain(grace_s=self.settings.request_timeout_s)
+        await self.registry.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        await self.store.close()
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            raise ApiError("not_ready", "the backbone is not loaded yet", retry_after=5)
+        return self._backbone
+
+    @property
+    def store(self) -> TunerStore:
+        if self._store is None:
+            raise ApiError("not_ready", "the tuner store is not open yet", retry_after=5)
+        return self._store
+
+    # ------------------------------------------------------------------ predict
+
+    async def predict(
+        self, images: list[bytes], tasks: list[TaskRef], top_k: int
+    ) -> dict[str, Any]:
+        """The full ``POST /v1/predict`` response for encoded images."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._check_request(len(images), tasks, top_k)
+        plans = await self._resolve(tasks)
+        decode_started = loop.time()
+        prepared = await self._decode_all(images)
+        decode_ms = (loop.time() - decode_started) * 1000.0
+        return await self._run(prepared, tasks, plans, top_k, started, decode_ms)
+
+    async def predict_tensor(
+        self, pixels: torch.Tensor, tasks: list[TaskRef], top_k: int
+    ) -> dict[str, Any]:
+        """Like :meth:`predict` for already preprocessed images (B, 3, H, W) float32.
+
+        The tensor must match :meth:`preprocess_config` (size; normalised with its mean/std).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._check_tensor(pixels)
+        self._check_request(int(pixels.shape[0]), tasks, top_k)
+        plans = await self._resolve(tasks)
+        prepared = [(row.contiguous(), tensor_digest(row)) for row in pixels.detach().cpu()]
+        return await self._run(prepared, tasks, plans, top_k, started, 0.0)
+
+    def preprocess_config(self) -> dict[str, Any]:
+        """What a client must do to send preprocessed tensors: size, mean/std, resize rule."""
+        dc = self.backbone.data_config
+        return {
+            "input_size": list(dc.input_size),
+            "mean": list(dc.mean),
+            "std": list(dc.std),
+            "interpolation": dc.interpolation,
+            "crop_pct": dc.crop_pct,
+        }
+
+    def _check_request(self, n_images: int, tasks: list[TaskRef], top_k: int) -> None:
+        s = self.settings
+        if not self.started:
+            raise ApiError("not_ready", "the service is starting", retry_after=5)
+        if not tasks:
+            raise ApiError("no_tasks", "name at least one task (tasks=a,b or task=a)")
+        if len(tasks) > s.max_tasks_per_request:
+            raise ApiError(
+                "too_many_tasks",
+                f"{len(tasks)} tasks requested; at most {s.max_tasks_per_request} per request",
+            )
+        seen: set[str] = set()
+        for ref in tasks:
+            if ref.name in seen:
+                raise ApiError("duplicate_task", f"task {ref.name!r} is named twice", task=ref.name)
+            seen.add(ref.name)
+        if n_images < 1:
+            raise ApiError("validation_error", "send at least one image")
+        if n_images > s.max_images_per_request:
+            raise ApiError(
+                "too_many_images",
+                f"{n_images} images sent; at most {s.max_images_per_request} per request",
+            )
+        if not 1 <= top_k <= s.max_top_k:
+            raise ApiError("validation_error", f"top_k must be between 1 and {s.max_top_k}")
+
+    def _check_tensor(self, pixels: torch.Tensor) -> None:
+        expected = tuple(self.backbone.data_config.input_size)
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ApiError(
+                "validation_error",
+                f"expected a (B, {', '.join(map(str, expected))}) tensor, "
+                f"got {tuple(pixels.shape)}",
+            )
+        if pixels.dtype != torch.float32:
+            raise ApiError("validation_error", f"expected float32 pixels, got {pixels.dtype}")
+        if not bool(torch.isfinite(pixels).all()):
+            raise ApiError("validation_error", "the tensor holds NaN or Inf")
+
+    async def _resolve(self, tasks: list[TaskRef]) -> dict[str, _Plan]:
+        """Every task resolved once (concurrently); unknown names or versions fail the request."""
+        results = await asyncio.gather(
+            *(self.registry.resolve(ref.name, ref.version) for ref in tasks),
+            return_exceptions=True,
+        )
+        plans: dict[str, _Plan] = {}
+        for ref, result in zip(tasks, results, strict=True):
+            if isinstance(result, ApiError) and result.code in _RESOLVE_FATAL:
+                raise result
+            if isinstance(result, BaseException) and not isinstance(result, ApiError):
+                raise result
+            plans[ref.name] = result
+        return plans
+
+    async def _decode_all(self, images: list[bytes]) -> list[_Prepared]:
+        """Decode + preprocess every image in the decode pool; the first bad one fails all."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decode_pool, self._prepare, data, index)
+                for index, data in enumerate(images)
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def _prepare(self, data: bytes, index: int) -> _Prepared:
+        s = self.settings
+        img = decode_image(data, index, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        return preprocess(img, self.backbone.data_config), pixel_digest(img)  # (3, H, W)
+
+    async def _run(
+        self,
+        prepared: list[_Prepared],
+        tasks: list[TaskRef],
+        plans: dict[str, _Plan],
+        top_k: int,
+        started: float,
+        decode_ms: float,
+    ) -> dict[str, Any]:
+        """Batch the images with their tuners and assemble the response body."""
+        loop = asyncio.get_running_loop()
+        deadline = started + self.settings.request_timeout_s
+        per_image = [await self._tuners_for(tasks, plans, digest) for _, digest in prepared]
+        items: list[BatchItem] = []
+        to_compute: list[int] = []
+        for index, ((pixels, digest), tuners) in enumerate(zip(prepared, per_image, strict=True)):
+            runnable = tuple(t for t in tuners.values() if isinstance(t, LoadedTuner))
+            if runnable:
+                items.append(BatchItem(pixels, digest, runnable, top_k))
+                to_compute.append(index)
+        completed: list[Completed] = []
+        if items:
+            try:
+                completed = await self.batcher.submit(items, deadline=deadline)
+            except ApiError as exc:
+                if exc.code == "deadline_exceeded":
+                    self.metrics.rejected.labels(reason="deadline_exceeded").inc()
+                raise
+        by_image = dict(zip(to_compute, completed, strict=True))
+
+        results = []
+        for index, tuners in enumerate(per_image):
+            done = by_image.get(index)
+            answers: dict[str, Answer] = {}
+            for ref in tasks:
+                plan = tuners[ref.name]
+                if isinstance(plan, ApiError):
+                    answers[ref.name] = task_error(plan.code, plan.detail)
+                elif done is not None:
+                    answers[ref.name] = done.output.answers[ref.name]
+            results.append({"image": index, "tasks": answers})
+        batches = {c.batch.batch_id: c.batch for c in completed}.values()
+        timing = {
+            "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
+            "decode_ms": round(decode_ms, 3),
+            "backbone_ms": round(sum(b.backbone_ms for b in batches), 3),
+            "fanout_ms": round(sum(b.fanout_ms for b in batches), 3),
+            "total_ms": round((loop.time() - started) * 1000.0, 3),
+            "cache_hits": sum(1 for c in completed if c.output.cache_hit),
+        }
+        return {"results": results, "backbone": self.backbone_info(), "timing": timing}
+
+    async def _tuners_for(
+        self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str
+    ) -> dict[str, _Plan]:
+        """The plan of each task for one image: a canary split picks by the image digest."""
+        out: dict[str, _Plan] = {}
+        for ref in tasks:
+            plan = plans[ref.name]
+            if ref.version is None and self.registry.has_split(ref.name):
+                try:
+                    plan = await self.registry.resolve(ref.name, None, digest)
+                except ApiError as exc:
+                    plan = exc
+            out[ref.name] = plan
+        return out
+
+    # ------------------------------------------------------------------ health
+
+    def backbone_info(self) -> dict[str, Any]:
+        """What runs the features: the ``backbone`` object of every predict response."""
+        b = self.backbone
+        return {
+            "arch": b.arch,
+            "fingerprint": b.fingerprint,
+            "runtime": b.runtime,
+            "device": b.device,
+            "dtype": b.dtype,
+        }
+
+    async def ready(self) -> dict[str, Any]:
+        """Readiness: backbone loaded, store reachable, batcher accepting; plus where it runs."""
+        store_ok = False
+        store_error = None
+        if self._store is not None:
+            try:
+                await asyncio.wait_for(self._store.ping(), READY_PING_TIMEOUT_S)
+                store_ok = True
+            except Exception as exc:  # any failure to answer means not reachable
+                store_error = str(exc) or type(exc).__name__
+        accepting = self.started and self.batcher.accepting
+        body: dict[str, Any] = {
+            "ready": bool(self.started and store_ok and accepting),
+            "backbone_loaded": self._backbone is not None,
+            "store": {"url": self._store.url if self._store else None, "reachable": store_ok},
+            "accepting": accepting,
+        }
+        if store_error:
+            body["store"]["error"] = store_error
+        if self._backbone is not None:
+            b = self._backbone
+            body.update(
+                backbone=self.backbone_info(),
+                runtime=b.runtime,
+                device=b.device,
+                providers=list(b.providers),
+                random_weights=b.is_random,
+            )
+        if self.started:
+            body["queue_images"] = self.batcher.queued_images
+            body["tuners_loaded"] = len(list(self.registry.loaded_tuners()))
+        return body
+
+
+def tensor_digest(pixels: torch.Tensor) -> str:
+    """Cache key of a preprocessed image (3, H, W): shape + float32 bytes.
+
+    Prefixed so it can never equal a :func:`pixel_digest` of a decoded image.
+    """
+    h = hashlib.sha256(b"tensor:")
+    h.update(repr(tuple(pixels.shape)).encode())
+    h.update(pixels.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
