@@ -220,10 +220,10 @@ class _Graph:
 
 
 def _check_name(found: str, expected: str, role: str) -> None:
-    # The bias is found by following the weight's MatMul, its name by Hugging Face convention;
-    # disagreement means the role was traced wrong.
+    # Biases and layer scales are found by following the traced MatMul's output; their Hugging
+    # Face names then say which role that MatMul has. Disagreement means a wrong trace.
     if found != expected:
-        raise ImgFocusGraphError(f"{role}: the traced bias is {found!r}, expected {expected!r}")
+        raise ImgFocusGraphError(f"{role}: the traced tensor is {found!r}, expected {expected!r}")
 
 
 def _attention_projections(
