@@ -1,0 +1,186 @@
+"""Stacked fan-out == one task at a time == the per-task module, on row subsets and mixed
+groups; groups are immutable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from restuning.fanout import GroupedFanout, StackedGroup, choose_strategy
+from restuning.features import Features, FeatureSpec
+from restuning.tuners import TaskModule
+from tests.fixtures.models import tiny_backbone_factory
+from tests.fixtures.tuners import FakeBackboneRef, make_config, make_features, make_norm, make_task
+
+KINDS = ["res_adapter", "res_prefix", "res_prompt"]
+BACKBONE = FakeBackboneRef(dim=8, depth=4)
+BATCH = 6
+
+
+def _tasks(n: int, **config: object) -> list[TaskModule]:
+    norm = make_norm(8)
+    return [
+        make_task(make_config(f"t{i}", BACKBONE, **config), norm, seed=i)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+def _rows(*sets: list[int]) -> list[Tensor]:
+    return [torch.tensor(s, dtype=torch.long) for s in sets]
+
+
+# Dense: every task on every row (the stack runs on shared rows).
+DENSE = _rows(*([list(range(BATCH))] * 5))
+# Mixed: overlapping, reordered, repeated and empty row sets.
+MIXED = _rows([0, 1, 2, 3, 4, 5], [5, 1], [], [3], [2, 2, 0])
+# Sparse: each task asks for few rows (the stack gathers each task's own rows).
+SPARSE = _rows([0], [5], [], [3], [4, 1])
+
+
+def _one_at_a_time(
+    modules: list[TaskModule], features: Features, rows: list[Tensor]
+) -> list[Tensor]:
+    with torch.no_grad():
+        return [m(features.rows(r)) for m, r in zip(modules, rows, strict=True)]
+
+
+def _assert_all_close(got: list[Tensor], want: list[Tensor]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tuner", KINDS)
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("rows", [DENSE, MIXED, SPARSE], ids=["dense", "mixed", "sparse"])
+@pytest.mark.parametrize("scale_mode", ["fixed", "channel"])
+def test_stacked_equals_one_task_at_a_time(
+    tuner: str, pooling: str, rows: list[Tensor], scale_mode: str
+) -> None:
+    modules = _tasks(
+        5,
+        tuner=tuner,
+        pooling=pooling,
+        scale_mode=scale_mode,
+        combine="lerp",
+        lam=0.3,
+        layers=(2, 4),
+    )
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=1)
+    want = _one_at_a_time(modules, features, rows)
+    for strategy in ("stacked", "loop"):
+        group = StackedGroup(modules, strategy)  # type: ignore[arg-type]
+        assert group.strategy == strategy
+        _assert_all_close(group(features, rows), want)
+    # A stack split into task chunks (tiny activation cap) gives the same answers.
+    _assert_all_close(StackedGroup(modules, "stacked", max_stack_elements=1)(features, rows), want)
+
+
+def test_stacked_rows_are_what_the_task_alone_gives_on_the_whole_batch() -> None:
+    """Each row's answer depends only on that row: a subset equals slicing the full answer."""
+    modules = _tasks(3, tuner="res_prompt", pooling="mean")
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=4)
+    rows = _rows([4, 0], [1, 2, 3], [5])
+    got = StackedGroup(modules, "stacked")(features, rows)
+    with torch.no_grad():
+        for m, r, g in zip(modules, rows, got, strict=True):
+            torch.testing.assert_close(g, m(features)[r], rtol=0, atol=1e-5)
+
+
+def test_stacked_differs_when_tasks_differ() -> None:
+    """The comparison can fail: two tasks with different weights give different answers."""
+    modules = _tasks(2)
+    features = make_features(range(5), BATCH, tokens=5, dim=8)
+    a, b = StackedGroup(modules, "stacked")(features, DENSE[:2])
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_cls_group_runs_on_cls_rows_of_all_token_features() -> None:
+    modules = _tasks(4, tuner="res_prefix")
+    features = make_features(range(5), BATCH, tokens=9, dim=8, seed=2)
+    cls_only = Features(FeatureSpec(features.spec.layers, "cls"), features.data[:, :, :1])
+    rows = MIXED[:4]
+    group = StackedGroup(modules, "stacked")
+    _assert_all_close(group(features, rows), group(cls_only, rows))
+
+
+def test_grouped_fanout_mixes_shapes_and_keeps_task_order() -> None:
+    norm = make_norm(8)
+    configs = [
+        make_config("a", BACKBONE),
+        make_config("b", BACKBONE, tuner="res_prefix", pooling="mean", layers=(2, 3)),
+        make_config("c", BACKBONE),
+        make_config("d", BACKBONE, task="regression", bottleneck=2),
+        make_config("e", BACKBONE, tuner="res_prefix", pooling="mean", layers=(2, 3)),
+        make_config("f", BACKBONE, task="embedding", embedding_dim=5, tuner="res_prompt"),
+    ]
+    modules = [make_task(c, norm, seed=i) for i, c in enumerate(configs)]
+    fanout = GroupedFanout(modules)
+    assert sorted(len(m) for _, m in fanout.groups) == [1, 1, 2, 2]
+    assert fanout.feature_spec == FeatureSpec((0, 1, 2, 3, 4), "all")
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=3)
+    rows = _rows([0, 1, 2, 3, 4, 5], [2], [5, 4], [], [0, 3], [1, 1])
+    got = fanout(features, rows)
+    _assert_all_close(got, _one_at_a_time(modules, features, rows))
+    assert [g.shape[1] for g in got] == [3, 3, 3, 2, 3, 5]
+    everyone = fanout(features)
+    _assert_all_close(everyone, _one_at_a_time(modules, features, [torch.arange(BATCH)] * 6))
+
+
+def test_groups_are_immutable() -> None:
+    modules = _tasks(3)
+    group = StackedGroup(modules[:2], "stacked")
+    features = make_features(range(5), BATCH, tokens=5, dim=8)
+    rows = DENSE[:2]
+    before = group(features, rows)
+
+    extra = make_task(make_config("t2", BACKBONE), make_norm(8), seed=99)
+    bigger = group.with_module(extra)
+    assert group.names == ("t0", "t1")
+    assert bigger.names == ("t0", "t1", "t2")
+    replaced = group.with_module(make_task(make_config("t0", BACKBONE), make_norm(8), seed=42))
+    assert replaced.names == ("t1", "t0")
+    smaller = group.without("t0")
+    assert smaller is not None
+    assert smaller.names == ("t1",)
+    assert StackedGroup(modules[:1]).without("t0") is None
+    # Training the modules after building does not leak into the stacked copy.
+    with torch.no_grad():
+        for p in modules[0].parameters():
+            p.add_(1.0)
+    _assert_all_close(group(features, rows), before)
+
+
+def test_group_checks_its_inputs() -> None:
+    a = _tasks(1)[0]
+    other = make_task(make_config("o", BACKBONE, bottleneck=2), make_norm(8))
+    with pytest.raises(ValueError, match="shape_key"):
+        StackedGroup([a, other])
+    with pytest.raises(ValueError, match="duplicate"):
+        StackedGroup([a, a])
+    with pytest.raises(ValueError, match="at least one"):
+        StackedGroup([])
+    with pytest.raises(ValueError, match="row sets"):
+        StackedGroup([a])(make_features(range(5), 2, 5, 8), [])
+
+
+def test_strategy_choice() -> None:
+    assert choose_strategy(1) == "loop"
+    assert choose_strategy(4) == "stacked"
+    assert StackedGroup(_tasks(1)).strategy == "loop"
+    assert StackedGroup(_tasks(3)).strategy == "stacked"
+
+
+def test_fanout_on_real_backbone_features() -> None:
+    backbone = tiny_backbone_factory(1)
+    norm = backbone.final_norm
+    configs = [make_config(f"r{i}", backbone, layers=(1, 2)) for i in range(3)]
+    configs.append(make_config("m", backbone, pooling="mean", layers=(2, 2)))
+    modules = [make_task(c, norm, seed=i) for i, c in enumerate(configs)]
+    fanout = GroupedFanout(modules)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = backbone.forward_features(images, fanout.feature_spec)
+    rows = _rows([0, 1, 2], [2], [1, 0], [0, 2])
+    _assert_all_close(fanout(features, rows), _one_at_a_time(modules, features, rows))
