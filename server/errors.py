@@ -21,6 +21,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "tuner_not_found": 404,
     "version_not_found": 404,
     "not_found": 404,
+    "method_not_allowed": 405,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "unauthorized": 401,
@@ -44,10 +45,22 @@ STATUS_BY_CODE: dict[str, int] = {
 TITLES: dict[str, str] = {
     "validation_error": "Invalid request",
     "bad_image": "Image could not be decoded",
+    "image_too_large": "Image too large",
+    "too_many_images": "Too many images",
+    "too_many_tasks": "Too many tasks",
     "unknown_task": "Unknown task",
+    "tuner_not_found": "Tuner not found",
+    "not_found": "Not found",
+    "method_not_allowed": "Method not allowed",
+    "payload_too_large": "Request body too large",
+    "unsupported_media_type": "Unsupported media type",
     "overloaded": "Server overloaded",
+    "store_unavailable": "Tuner store unavailable",
+    "not_ready": "Not ready",
+    "deadline_exceeded": "Deadline exceeded",
     "unauthorized": "Authentication required",
     "forbidden": "Not allowed",
+    "internal": "Internal server error",
 }
 
 
@@ -79,6 +92,7 @@ class ApiError(Exception):
 
     @property
     def title(self) -> str:
+        """Short human summary of the code (RFC 9457 ``title``)."""
         return TITLES.get(self.code, self.code.replace("_", " ").capitalize())
 
     def problem(self, instance: str | None = None) -> dict[str, Any]:
@@ -96,6 +110,11 @@ class ApiError(Exception):
         return body
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        """Response headers the error implies: ``Retry-After`` for retryable refusals, the
+        Bearer challenge on 401 (RFC 9110 requires ``WWW-Authenticate`` there)."""
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        if self.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="restune"'
+        return headers

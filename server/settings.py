@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 MiB = 1024 * 1024
 
@@ -81,6 +87,8 @@ class Settings(BaseSettings):
     # --- process -----------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM, how long in-flight requests may take to finish before connections close."""
     log_format: Literal["json", "text"] = "json"
     log_level: str = "info"
     home: str = "~/.cache/restune"
@@ -98,20 +106,37 @@ class Settings(BaseSettings):
         return Path(self.home).expanduser()
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file sits below the environment so one env var can override a file value.
+        file_source = InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get() or {})
+        return (init_settings, env_settings, file_source)
+
+    @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Settings:
         """Settings from a JSON or TOML file, with the environment and ``overrides`` on top."""
-        p = Path(path)
-        text = p.read_text()
-        data: dict[str, Any] = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-        file_values = {k: v for k, v in data.items()}
+        token = _FILE_VALUES.set(read_config_file(path))
+        try:
+            return cls(**overrides)
+        finally:
+            _FILE_VALUES.reset(token)
 
-        class _FromFile(cls):  # type: ignore[valid-type,misc]
-            @classmethod
-            def settings_customise_sources(cls, settings_cls, init_settings, env_settings,  # type: ignore[no-untyped-def,override]
-                                           dotenv_settings, file_secret_settings):
-                from pydantic_settings import InitSettingsSource
 
-                return (init_settings, env_settings,
-                        InitSettingsSource(settings_cls, init_kwargs=file_values))
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("restune_config_file", default=None)
+"""Values of the config file being applied by :meth:`Settings.from_file` (empty otherwise)."""
 
-        return cls.model_validate(_FromFile(**overrides).model_dump())
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a ``.toml`` or ``.json`` config file (field names, lower case)."""
+    p = Path(path)
+    text = p.read_text()
+    data: Any = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a config file must hold a table/object of settings")
+    return data

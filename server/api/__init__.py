@@ -1,0 +1,1 @@
+"""HTTP routes: one router module per resource; all of them thin over the service."""

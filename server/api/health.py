@@ -1,0 +1,61 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.api.deps import MetricsDep, ServiceDep
+from server.api.schemas import Live, Ready
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Live, summary="Liveness")
+async def healthz() -> Live:
+    """200 while the process serves HTTP; it checks nothing else on purpose (a liveness
+    probe that fails on a dependency restarts healthy pods)."""
+    return Live()
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness",
+    responses={503: {"model": Ready, "description": "Not ready; `reasons` says why"}},
+)
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """200 when the backbone is loaded and the tuner store reachable, else 503 with reasons."""
+    report: dict[str, Any] = await service.ready()
+    ready = bool(report.get("ready"))
+    if not ready and not report.get("reasons"):
+        report["reasons"] = not_ready_reasons(report)
+    return JSONResponse(report, status_code=200 if ready else 503)
+
+
+def not_ready_reasons(report: dict[str, Any]) -> list[str]:
+    """Human reasons for a not-ready report, from the service's readiness fields."""
+    reasons = []
+    if not report.get("backbone_loaded", True):
+        reasons.append("backbone not loaded")
+    store = report.get("store")
+    if isinstance(store, dict) and not store.get("reachable", True):
+        error = store.get("error")
+        reasons.append(f"tuner store unreachable{': ' + str(error) if error else ''}")
+    if not report.get("accepting", True):
+        reasons.append("not accepting requests (starting or draining)")
+    return reasons or ["not ready"]
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Exposition text"}},
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Every ``restune_*`` metric in the Prometheus text format."""
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

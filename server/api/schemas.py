@@ -1,0 +1,251 @@
+"""Wire schemas of the v1 API and the health routes (pydantic, for validation and /docs).
+
+Responses are built by the engine as plain dicts/dataclasses; these models are what OpenAPI
+publishes and what the tests hold the engine's output to.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.problems import PROBLEM_MEDIA_TYPE
+
+TaskKind = Literal["classification", "multilabel", "regression", "embedding"]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; ``code`` is the stable machine-readable error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["urn:restune:error:unknown_task"])
+    title: str
+    status: int
+    detail: str
+    code: str = Field(examples=["unknown_task"])
+    instance: str | None = None
+    request_id: str | None = None
+
+
+_STATUS_TEXT = {
+    401: "Missing bearer token (`unauthorized`)",
+    403: "Wrong token, or admin routes disabled (`forbidden`)",
+    404: "Unknown task or tuner (`unknown_task`, `tuner_not_found`)",
+    409: "Artifact trained on another backbone (`backbone_mismatch`)",
+    413: "A size limit was exceeded (`payload_too_large`, `too_many_images`, ...)",
+    415: "Unsupported Content-Type (`unsupported_media_type`)",
+    422: "Invalid request (`validation_error`, `bad_image`, ...)",
+    429: "Quota or rate limit (`rate_limited`); see Retry-After",
+    500: "Internal error (`internal`)",
+    503: "Overloaded or store unavailable; see Retry-After",
+    504: "Request deadline exceeded (`deadline_exceeded`)",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting problem+json errors for ``statuses``."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        status: {
+            "model": Problem,
+            "description": _STATUS_TEXT.get(status, "Error"),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
+# --- predict ------------------------------------------------------------------------------
+
+
+class ImageIn(BaseModel):
+    """One image of a JSON predict request: its encoded file bytes in standard base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str = Field(
+        description="Standard base64 of the encoded file (PNG, JPEG, WebP...); a "
+        "`data:image/...;base64,` prefix is accepted.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_urls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "url" in data:
+            raise ValueError(
+                "image URLs are not fetched by the server; send the file bytes as "
+                '{"b64": "..."} or use multipart/form-data'
+            )
+        return data
+
+
+class PredictJsonRequest(BaseModel):
+    """JSON form of ``POST /v1/predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[ImageIn] = Field(min_length=1)
+    tasks: list[str] | str = Field(
+        description='Task names, each optionally pinned to a version (`"age@3"`); a comma '
+        "separated string is accepted too."
+    )
+    top_k: int = Field(default=5, description="Labels returned per classification task.")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class TaskAnswer(BaseModel):
+    """The answer of one task for one image."""
+
+    version: int
+    sha256: str
+    kind: TaskKind
+    labels: list[LabelScore] | None = Field(
+        default=None, description="classification / multilabel: top labels, best first"
+    )
+    values: dict[str, float] | None = Field(default=None, description="regression outputs")
+    embedding: list[float] | None = Field(default=None, description="L2-normalised embedding")
+
+
+class TaskErrorBody(BaseModel):
+    code: str
+    detail: str
+
+
+class TaskFailure(BaseModel):
+    """A task that failed for this request while the others answered."""
+
+    error: TaskErrorBody
+
+
+class ImageResult(BaseModel):
+    image: int = Field(description="Index of the image in the request")
+    tasks: dict[str, TaskAnswer | TaskFailure]
+
+
+class BackboneOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    arch: str
+    fingerprint: str
+    runtime: str
+    device: str
+
+
+class Timing(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    queue_ms: float
+    backbone_ms: float
+    fanout_ms: float
+    total_ms: float
+    cache_hits: int
+
+
+class PredictResponse(BaseModel):
+    results: list[ImageResult]
+    backbone: BackboneOut
+    timing: Timing
+
+
+# --- tuners ------------------------------------------------------------------------------
+
+
+class TunerSummary(BaseModel):
+    """A registered tuner (its current version).
+
+    Fields read from the artifact's config are null when it could not be read (the store is
+    unreachable and the version was never loaded here).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int
+    sha256: str
+    kind: TaskKind | None
+    labels: list[str] | None
+    params: int | None = Field(description="Scalars in the artifact's tensors")
+    bytes: int = Field(description="Artifact size")
+    loaded: bool = Field(description="Whether this replica holds it in memory")
+    pooling: str | None
+    tuner: str | None = Field(description="res_adapter, res_prefix or res_prompt")
+    created_at: str
+    description: str | None = None
+    training: dict[str, Any] | None
+
+
+class TunerList(BaseModel):
+    tuners: list[TunerSummary]
+
+
+class VersionOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int
+    sha256: str
+    size: int
+    created_at: str
+    loaded: bool = False
+
+
+class TunerDetail(TunerSummary):
+    """A tuner with its full config, every stored version and the traffic split."""
+
+    config: dict[str, Any] | None = Field(description="The full TunerConfig of the artifact")
+    versions: list[VersionOut]
+    traffic: dict[str, int] = Field(
+        default_factory=dict, description="Percent of requests per version (canary split)"
+    )
+
+
+class Registered(BaseModel):
+    name: str
+    version: int
+    sha256: str
+
+
+class Deleted(BaseModel):
+    name: str
+    deleted: bool = True
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+class Live(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    """Readiness: the backbone is loaded and the store reachable; ``reasons`` says what is not."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ready: bool
+    reasons: list[str] = Field(default_factory=list)
+
+
+def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` inlined, for a hand-written OpenAPI body."""
+    schema = model.model_json_schema()
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

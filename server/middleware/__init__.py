@@ -1,0 +1,1 @@
+"""Pure ASGI middleware: request context (id, metrics, access log) and the body-size limit."""
