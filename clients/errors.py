@@ -249,7 +249,8 @@ def error_from_response(resp: httpx.Response) -> RestuneError:
         detail = resp.text[:200].strip() or resp.reason_phrase
     cls = class_for(code, resp.status_code) if code else _class_for_status(resp.status_code)
     return cls(
-        code or (cls.default_code if cls is not RestuneError else f"http_{resp.status_code}"),
+        # No code (a proxy's page, an old server): name the status rather than guess a cause.
+        code or f"http_{resp.status_code}",
         resp.status_code,
         detail,
         problem,
