@@ -75,6 +75,15 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class RawTensor:
+    """A tensor to write: safetensors dtype name, shape, little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ArtifactHeader:
     """What the header says, plus the digest and size of the whole file."""
 
@@ -376,12 +385,44 @@ def artifact_metadata(config: TunerConfig) -> dict[str, str]:
     return {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: config.model_dump_json()}
 
 
-def pack_artifact(config: TunerConfig, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
-    """Serialise numpy arrays (F32 or F16) and ``config`` into artifact bytes; no validation."""
-    from safetensors.numpy import save  # local: only writers need it
+def pack_raw(config: TunerConfig, tensors: Mapping[str, RawTensor]) -> bytes:
+    """Serialise raw tensors and ``config`` into artifact bytes, deterministically; no validation.
 
-    contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-    return bytes(save(contiguous, metadata=artifact_metadata(config)))
+    Tensors are laid out in name order and the header is written with sorted keys, so equal
+    inputs give equal bytes (and so equal sha256: content addressing depends on it). The
+    safetensors library writes ``__metadata__`` in hash-map order, which is why this does not
+    use it.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(artifact_metadata(config).items()))}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        header[name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(t.data)],
+        }
+        chunks.append(t.data)
+        offset += len(t.data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors does
+    return b"".join([struct.pack("<Q", len(raw)), raw, *chunks])
+
+
+_NUMPY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+def pack_artifact(config: TunerConfig, arrays: Mapping[str, np.ndarray[Any, Any]]) -> bytes:
+    """Serialise numpy arrays (float32 or float16) and ``config`` into artifact bytes."""
+    tensors: dict[str, RawTensor] = {}
+    for name, a in arrays.items():
+        dtype = _NUMPY_DTYPES.get(a.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} is not float32 or float16")
+        raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+        tensors[name] = RawTensor(dtype, tuple(a.shape), raw)
+    return pack_raw(config, tensors)
 
 
 def random_arrays(

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from tuners_store.artifact import artifact_metadata, pack_artifact, random_arrays
+from tuners_store import artifact
+from tuners_store.artifact import pack_artifact, random_arrays
 from tuners_store.config import TunerConfig
 
 FINGERPRINT = "fp-test-0001"
@@ -23,6 +24,8 @@ def tiny_config(name: str = "cats", **overrides: Any) -> TunerConfig:
         "labels": ["cat", "dog", "fox"],
         "backbone": {"arch": ARCH, "fingerprint": FINGERPRINT, "dim": 8, "depth": 2},
         "bypass": {"layers": [1, 2], "bottleneck": 4},
+        # Fixed, so that equal seeds give equal bytes in every process.
+        "created_at": "2026-01-01T00:00:00+00:00",
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
@@ -59,21 +62,14 @@ def bf16_bits(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def pack_raw(config: TunerConfig, arrays: dict[str, np.ndarray[Any, Any]], dtype: str) -> bytes:
-    """Write an artifact by hand with ``dtype`` as the header's dtype for every tensor.
-
-    ``arrays`` hold the raw little-endian values already in that encoding (uint16 for BF16).
-    """
-    header: dict[str, Any] = {"__metadata__": artifact_metadata(config)}
-    payload = b""
-    for name in sorted(arrays):
-        raw = np.ascontiguousarray(arrays[name]).tobytes()
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(arrays[name].shape),
-            "data_offsets": [len(payload), len(payload) + len(raw)],
-        }
-        payload += raw
-    return join(header, payload)
+    """Write an artifact whose tensors all claim ``dtype``, from raw values (uint16 for BF16)."""
+    return artifact.pack_raw(
+        config,
+        {
+            n: artifact.RawTensor(dtype, a.shape, a.astype(a.dtype.newbyteorder("<")).tobytes())
+            for n, a in arrays.items()
+        },
+    )
 
 
 def bf16_artifact(

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from tests.tuners_store.artifact_factory import (
     ARCH,
@@ -80,6 +81,23 @@ def test_f16_and_bf16_artifacts_validate() -> None:
     header = validate_artifact(data)
     assert header.dtype == "BF16"
     assert bytes(header.tensor_bytes(data, "head.bias")) == bits["head.bias"].tobytes()
+
+
+def test_packing_is_deterministic_and_safetensors_compatible() -> None:
+    config = tiny_config()
+    arrays = random_arrays(config, seed=5)
+    data = pack_artifact(config, arrays)
+    assert data == pack_artifact(config, dict(reversed(list(arrays.items()))))
+    loaded = safetensors.numpy.load(data)
+    assert set(loaded) == set(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_artifacts_written_by_safetensors_validate() -> None:
+    config = tiny_config()
+    data = safetensors.numpy.save(random_arrays(config), metadata=artifact_metadata(config))
+    assert validate_artifact(data).config == config
 
 
 def test_artifact_error_is_a_store_error() -> None:
@@ -235,14 +253,17 @@ def test_wrong_shape_names_tensor_and_both_shapes() -> None:
     data = pack_artifact(tiny_config(), _arrays(head__weight=np.zeros((8, 3), np.float32)))
     err = expect("artifact_bad_shape", data)
     assert "'head.weight'" in err.message
-    assert "[8, 3]" in err.message and "[3, 8]" in err.message
+    assert "[8, 3]" in err.message
+    assert "[3, 8]" in err.message
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.int32])
-def test_disallowed_dtype(dtype: Any) -> None:
+@pytest.mark.parametrize(("dtype", "name"), [(np.float64, "F64"), (np.int32, "I32")])
+def test_disallowed_dtype(dtype: Any, name: str) -> None:
     config = tiny_config()
-    data = pack_artifact(config, random_arrays(config, dtype=dtype))
-    expect("artifact_bad_dtype", data)
+    arrays = {k: v.astype(dtype) for k, v in random_arrays(config).items()}
+    assert name in expect("artifact_bad_dtype", pack_raw(config, arrays, name)).message
+    with pytest.raises(ValueError, match="float32 or float16"):
+        pack_artifact(config, arrays)
 
 
 def test_mixed_dtypes() -> None:
@@ -302,7 +323,8 @@ def test_nan_in_f32() -> None:
     bias = np.zeros(3, np.float32)
     bias[1] = np.nan
     err = expect("artifact_non_finite", pack_artifact(tiny_config(), _arrays(head__bias=bias)))
-    assert "'head.bias'" in err.message and "index 1" in err.message
+    assert "'head.bias'" in err.message
+    assert "index 1" in err.message
 
 
 def test_inf_in_f16() -> None:
@@ -319,7 +341,8 @@ def test_non_finite_in_bf16(value: float) -> None:
     w1 = "bypass.vertical.2.w1"
     bits[w1].reshape(-1)[7] = bf16_bits(np.array([value], np.float32))[0]
     err = expect("artifact_non_finite", pack_raw(config, bits, "BF16"))
-    assert w1 in err.message and "index 7" in err.message
+    assert w1 in err.message
+    assert "index 7" in err.message
 
 
 def test_largest_finite_bf16_is_accepted() -> None:

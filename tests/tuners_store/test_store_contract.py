@@ -74,7 +74,8 @@ def test_set_current_rollback(new_store: StoreFactory) -> None:
         await s.put("cats", A1)
         await s.put("cats", A2)
         info = await s.set_current("cats", 1)
-        assert info.version == 1 and info.sha256 == hashlib.sha256(A1).hexdigest()
+        assert info.version == 1
+        assert info.sha256 == hashlib.sha256(A1).hexdigest()
         assert (await s.get("cats")).data == A1
         assert (await s.list())["cats"].version == 1
         with pytest.raises(VersionNotFound):
@@ -210,12 +211,14 @@ def test_concurrent_distinct_uploads_lose_nothing(new_store: StoreFactory) -> No
     async def main() -> None:
         stores = [new_store() for _ in range(8)]
         try:
-            results = await asyncio.gather(*(s.put("cats", b) for s, b in zip(stores, blobs)))
+            results = await asyncio.gather(
+                *(s.put("cats", b) for s, b in zip(stores, blobs, strict=True))
+            )
             assert sorted(r.info.version for r in results) == list(range(1, 9))
             assert all(r.created for r in results)
             versions = await stores[0].versions("cats")
             assert [v.version for v in versions] == list(range(1, 9))
-            for r, blob in zip(results, blobs):
+            for r, blob in zip(results, blobs, strict=True):
                 assert (await stores[1].get("cats", r.info.version)).data == blob
         finally:
             for s in stores:
