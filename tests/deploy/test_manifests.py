@@ -44,6 +44,7 @@ from tests.deploy.dashboard_queries import (
 K8S_VERSION = "1.31.0"
 K8S = REPO / "deploy" / "k8s"
 COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_GPU = REPO / "deploy" / "compose.gpu.yml"
 DOCKERFILE = REPO / "Dockerfile"
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
 GRAFANA = REPO / "deploy" / "grafana"
@@ -248,11 +249,13 @@ def compose_command() -> list[str]:
 
 
 def run_compose(
-    args: list[str], file: Path = COMPOSE_FILE, env: dict[str, str] | None = None
+    args: list[str], files: tuple[Path, ...] = (COMPOSE_FILE,), env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run Docker Compose on ``files`` with only the given variables set (none inherited)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RESTUNE_", "GRAFANA_"))}
+    options = [arg for f in files for arg in ("-f", str(f))]
     return subprocess.run(
-        [*compose_command(), "-f", str(file), *args],
+        [*compose_command(), *options, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -280,7 +283,7 @@ def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
     broken["services"]["redis"]["helthcheck"] = broken["services"]["redis"].pop("healthcheck")
     path = tmp_path / "docker-compose.yml"
     path.write_text(yaml.safe_dump(broken))
-    r = run_compose(["config", "-q"], file=path)
+    r = run_compose(["config", "-q"], files=(path,))
     assert r.returncode != 0
     assert "helthcheck" in r.stderr
 
@@ -321,6 +324,24 @@ def test_compose_services_wiring() -> None:
             if vol["type"] == "bind" and vol["target"] != "/models":
                 assert Path(vol["source"]).exists(), f"{name}: {vol['source']} missing"
     assert set(services["nginx"]["depends_on"]) == {"restune"}
+
+
+def test_compose_gpu_override() -> None:
+    r = run_compose(["config", "--format", "json"], files=(COMPOSE_FILE, COMPOSE_GPU))
+    assert r.returncode == 0, r.stderr
+    restune = json.loads(r.stdout)["services"]["restune"]
+    assert restune["build"]["target"] == "gpu"
+    assert "gpu" in dict(dockerfile_stages())
+    assert restune["environment"]["RESTUNE_DEVICE"] == "cuda"
+    # The override keeps the shared store and the token from the base file.
+    assert restune["environment"]["RESTUNE_STORE"] == "redis://redis:6379/0"
+    assert restune["environment"]["RESTUNE_ADMIN_TOKEN"] == COMPOSE_ENV["RESTUNE_ADMIN_TOKEN"]
+    (device,) = restune["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert device["capabilities"] == ["gpu"]
+    fields = settings_fields()
+    for key in restune["environment"]:
+        assert env_setting(key) in fields, f"compose.gpu.yml sets {key}: no such setting"
 
 
 # --- nginx --------------------------------------------------------------------------------------
