@@ -103,12 +103,12 @@ def test_sigkilled_writer_never_leaves_torn_state(tmp_path: Path) -> None:
             )
         _check_consistent(store, name, history)
     # The kills did land inside writes (temp files or unindexed blobs were left behind) ...
-    assert leftovers > 0
+    assert leftovers > 0, leftovers
     assert len(history) > 0
     # ... and the next writer sweeps them away and carries on numbering.
     top = max(history)
     result = store.put_sync(name, b"after the crashes")
-    assert result.info.version == top + 1 or result.info.version > top
+    assert result.info.version == top + 1
     assert not [p for p in (tmp_path / name).iterdir() if p.name.startswith(TMP_PREFIX)]
     _check_consistent(store, name, history)
 
