@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -77,12 +76,15 @@ def wait_until(what: str, probe: Callable[[], Any], timeout_s: float) -> Any:
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last!r}")
 
 
-@pytest.fixture
-def prometheus(live_server: Any, tmp_path: Path) -> Iterator[httpx.Client]:
+@pytest.fixture(scope="module")
+def prometheus(
+    live_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[httpx.Client]:
     """A Prometheus server scraping ``live_server``; yields a client on its HTTP API."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not installed (Debian package `prometheus`)")
+    tmp_path = tmp_path_factory.mktemp("prometheus")
     target = urlsplit(live_server.url).netloc
     shutil.copy(RULES, tmp_path / "rules.yml")
     config = tmp_path / "prometheus.yml"
