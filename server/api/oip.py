@@ -1,0 +1,469 @@
+"""Open Inference Protocol (KServe v2) REST routes: every task is a model.
+
+Standard clients (``tritonclient.http``, the KServe SDK) work unchanged:
+
+- ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``: server metadata and health.
+- ``GET /v2/models/{task}[/versions/{v}]``: inputs ``image`` (BYTES [-1], encoded image files)
+  or ``pixels`` (FP32 [-1, 3, H, W], preprocessed with the backbone's data config, given in
+  ``parameters.preprocess``); outputs by task kind: ``scores`` (FP32 [-1, C]) and ``labels``
+  (BYTES [-1], top-1) for classification and multilabel, ``values`` (FP32 [-1, C]) for
+  regression, ``embedding`` (FP32 [-1, D]) for embeddings.
+- ``GET /v2/models/{task}[/versions/{v}]/ready``: 200 when that version is loaded in memory.
+- ``POST /v2/models/{task}[/versions/{v}]/infer``: JSON or the binary tensor extension;
+  ``parameters.classification = k`` on ``scores`` returns Triton's ``"score:index:label"``.
+- ``GET|POST /v2/repository/index``, ``POST /v2/repository/models/{task}/load|unload``:
+  load makes the current version resident; unload evicts it from memory (it stays registered
+  and a later request loads it again).
+
+A plain task name is served by its current version (canary traffic splits apply to
+``/v1/predict`` only), so every answer names one ``model_version``. Errors use the protocol's
+``{"error": "..."}`` body with the HTTP status of the project's error code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import json
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+
+from server.api.deps import ServiceDep, SettingsDep
+from server.api.oip_codec import (
+    HEADER_LENGTH,
+    InferInput,
+    InferRequest,
+    OipCodecError,
+    OutputTensor,
+    classification_strings,
+    decode_request,
+    encode_response,
+)
+from server.engine.service import InferenceService, TaskRef
+from server.errors import ApiError, status_for
+from tuners_store.config import TunerConfig
+
+SERVER_NAME = "restune"
+EXTENSIONS = ["model_repository", "binary_tensor_data", "classification"]
+PLATFORM = "restune_bypass"
+
+LABEL_KINDS = ("classification", "multilabel")
+
+
+def oip_error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The protocol's error body."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class OipRoute(APIRoute):
+    """Answers failures of these routes in the OIP shape instead of problem+json."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def oip_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                request.state.error_code = exc.code
+                return oip_error(exc.detail, exc.status, exc.headers())
+            except OipCodecError as exc:
+                request.state.error_code = "validation_error"
+                return oip_error(str(exc), 400)
+            except RequestValidationError as exc:
+                request.state.error_code = "validation_error"
+                return oip_error(f"invalid request: {exc.errors()}", 400)
+
+        return oip_handler
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
+
+
+# --- what a model is -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One task version as the protocol sees it."""
+
+    name: str
+    version: int
+    config: TunerConfig
+    versions: list[int]
+    loaded: bool
+
+
+def _version_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ApiError("validation_error", f"model version must be an integer >= 1, not {text!r}")
+    return int(text)
+
+
+async def model_view(service: InferenceService, task: str, version: str | None) -> ModelView:
+    """The task's current version, or the pinned one (which is loaded to read its config)."""
+    detail = await service.registry.describe(task)
+    versions = sorted(v.version for v in detail.versions)
+    current = detail.summary.info.version
+    if version is not None:
+        pinned = _version_number(version)
+        if pinned != current:
+            if pinned not in versions:
+                raise ApiError(
+                    "unknown_version", f"task {task!r} has no version {pinned}", task=task
+                )
+            loaded = await service.registry.resolve(task, pinned)
+            return ModelView(task, pinned, loaded.config, versions, True)
+    config = detail.summary.config
+    if config is None:
+        raise ApiError(
+            "store_unavailable",
+            f"the config of task {task!r} cannot be read: the tuner store is unreachable",
+            retry_after=5,
+        )
+    return ModelView(task, current, config, versions, current in detail.loaded_versions)
+
+
+def _output_specs(config: TunerConfig) -> list[dict[str, Any]]:
+    c = config.num_outputs
+    if config.task in LABEL_KINDS:
+        return [
+            {"name": "scores", "datatype": "FP32", "shape": [-1, c]},
+            {"name": "labels", "datatype": "BYTES", "shape": [-1]},
+        ]
+    if config.task == "regression":
+        return [{"name": "values", "datatype": "FP32", "shape": [-1, c]}]
+    return [{"name": "embedding", "datatype": "FP32", "shape": [-1, c]}]
+
+
+def _input_specs(service: InferenceService) -> list[dict[str, Any]]:
+    size = list(service.preprocess_config()["input_size"])  # [3, H, W]
+    return [
+        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        {"name": "pixels", "datatype": "FP32", "shape": [-1, *size]},
+    ]
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> dict[str, Any]:
+    """Name, version and the protocol extensions served."""
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def server_live() -> dict[str, Any]:
+    """200 while the process serves HTTP."""
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness")
+async def server_ready(service: ServiceDep) -> Response:
+    """200 when the backbone is loaded and the store reachable, else 503."""
+    report = await service.ready()
+    if report.get("ready"):
+        return JSONResponse({"ready": True})
+    reasons = "; ".join(str(r) for r in report.get("reasons", [])) or "not ready"
+    return oip_error(reasons, 503)
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+async def _metadata(service: InferenceService, task: str, version: str | None) -> dict[str, Any]:
+    view = await model_view(service, task, version)
+    c = view.config
+    return {
+        "name": view.name,
+        "versions": [str(v) for v in view.versions],
+        "platform": PLATFORM,
+        "inputs": _input_specs(service),
+        "outputs": _output_specs(c),
+        "parameters": {
+            "version": str(view.version),
+            "kind": c.task,
+            "labels": list(c.labels),
+            "preprocess": service.preprocess_config(),
+        },
+    }
+
+
+@router.get("/models/{task}", summary="Model metadata")
+async def model_metadata(task: str, service: ServiceDep) -> dict[str, Any]:
+    """Inputs, outputs and versions of a task."""
+    return await _metadata(service, task, None)
+
+
+@router.get("/models/{task}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(task: str, version: str, service: ServiceDep) -> dict[str, Any]:
+    """Inputs, outputs and versions of a pinned task version."""
+    return await _metadata(service, task, version)
+
+
+async def _ready(service: InferenceService, task: str, version: str | None) -> Response:
+    detail = await service.registry.describe(task)
+    number = detail.summary.info.version if version is None else _version_number(version)
+    if number not in {v.version for v in detail.versions}:
+        raise ApiError("unknown_version", f"task {task!r} has no version {number}", task=task)
+    if not service.registry.is_loaded(task, number):
+        return oip_error(
+            f"task {task!r} v{number} is registered but not loaded; load it or send a request",
+            503,
+        )
+    return JSONResponse({"name": task, "version": str(number), "ready": True})
+
+
+@router.get("/models/{task}/ready", summary="Model readiness")
+async def model_ready(task: str, service: ServiceDep) -> Response:
+    """200 when the task's current version is loaded in memory."""
+    return await _ready(service, task, None)
+
+
+@router.get("/models/{task}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(task: str, version: str, service: ServiceDep) -> Response:
+    """200 when that version is loaded in memory."""
+    return await _ready(service, task, version)
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+def _images(tensor: InferInput) -> list[bytes]:
+    if tensor.datatype != "BYTES":
+        raise OipCodecError(f"input 'image' must be BYTES, not {tensor.datatype}")
+    elements = [bytes(e) for e in tensor.data.reshape(-1)]
+    if tensor.binary:
+        return elements
+    # JSON strings cannot carry raw image bytes: images in JSON are base64.
+    out = []
+    for i, e in enumerate(elements):
+        try:
+            out.append(base64.b64decode(e, validate=True))
+        except (binascii.Error, ValueError):
+            raise OipCodecError(
+                f"input 'image' element {i}: images in JSON must be base64 strings "
+                "(or send the tensor as binary data)"
+            ) from None
+    return out
+
+
+def _pixels(tensor: InferInput) -> npt.NDArray[np.float32]:
+    if tensor.datatype != "FP32":
+        raise OipCodecError(f"input 'pixels' must be FP32, not {tensor.datatype}")
+    if tensor.data.ndim != 4:
+        raise OipCodecError(f"input 'pixels' must be [B, 3, H, W], got {list(tensor.shape)}")
+    return np.ascontiguousarray(tensor.data, dtype=np.float32)  # (B, 3, H, W)
+
+
+def _wanted_outputs(request: InferRequest, config: TunerConfig) -> dict[str, int]:
+    """Output name -> classification k (0 = plain tensor) of the outputs to return."""
+    known = [o["name"] for o in _output_specs(config)]
+    if request.outputs is None:
+        return dict.fromkeys(known, 0)
+    wanted = {}
+    for o in request.outputs:
+        if o.name not in known:
+            raise OipCodecError(f"task kind {config.task} has no output {o.name!r}; has {known}")
+        if o.classification and o.name != "scores":
+            raise OipCodecError("classification applies to the 'scores' output only")
+        wanted[o.name] = o.classification
+    return wanted
+
+
+def _top_k(config: TunerConfig, wanted: dict[str, int], max_top_k: int) -> int:
+    """How many labels to ask the service for: all of them when a full score row is needed."""
+    if config.task not in LABEL_KINDS:
+        return 1
+    c = config.num_outputs
+    if wanted.get("scores") == 0:  # the FP32 row of every label
+        if c > max_top_k:
+            raise OipCodecError(
+                f"task has {c} labels, more than this server's max top_k ({max_top_k}): "
+                "request 'scores' with parameters.classification = k"
+            )
+        return c
+    # classification = k needs the k best; 'labels' alone needs the best one.
+    return min(c, max_top_k, max(wanted.get("scores", 0), 1))
+
+
+def _answers(body: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    answers = [r["tasks"][task] for r in body["results"]]
+    for answer in answers:
+        error = answer.get("error")
+        if error is not None:
+            code = str(error.get("code", "internal"))
+            raise ApiError(code, str(error.get("detail", "")), status=status_for(code))
+    return answers
+
+
+def _score_rows(config: TunerConfig, answers: Sequence[dict[str, Any]]) -> npt.NDArray[np.float32]:
+    """(B, C) scores in label order; labels the service did not return (top-k cut) are -inf."""
+    index = {label: i for i, label in enumerate(config.labels)}
+    rows = np.full((len(answers), config.num_outputs), -np.inf, dtype=np.float32)  # (B, C)
+    for b, answer in enumerate(answers):
+        for item in answer["labels"]:
+            rows[b, index[item["label"]]] = item["score"]
+    return rows
+
+
+def _outputs(
+    config: TunerConfig, answers: Sequence[dict[str, Any]], wanted: dict[str, int]
+) -> list[OutputTensor]:
+    out: list[OutputTensor] = []
+    if config.task in LABEL_KINDS:
+        scores = _score_rows(config, answers)  # (B, C)
+        if "scores" in wanted:
+            k = wanted["scores"]
+            if k:
+                out.append(
+                    OutputTensor(
+                        "scores", "BYTES", classification_strings(scores, config.labels, k)
+                    )
+                )
+            else:
+                out.append(OutputTensor("scores", "FP32", scores))
+        if "labels" in wanted:
+            top1 = np.empty(len(answers), dtype=object)  # (B,)
+            top1[:] = [a["labels"][0]["label"].encode() for a in answers]
+            out.append(OutputTensor("labels", "BYTES", top1))
+    elif config.task == "regression":
+        values = np.asarray(
+            [[a["values"][label] for label in config.labels] for a in answers], dtype=np.float32
+        )  # (B, C)
+        out.append(OutputTensor("values", "FP32", values))
+    else:
+        emb = np.asarray([a["embedding"] for a in answers], dtype=np.float32)  # (B, D)
+        out.append(OutputTensor("embedding", "FP32", emb))
+    return out
+
+
+async def _infer(
+    request: Request,
+    service: InferenceService,
+    max_top_k: int,
+    task: str,
+    version: str | None,
+) -> Response:
+    parsed = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
+    unknown = [i.name for i in parsed.inputs if i.name not in ("image", "pixels")]
+    if unknown:
+        raise OipCodecError(f"unknown inputs {unknown}; send 'image' (BYTES) or 'pixels' (FP32)")
+    if len(parsed.inputs) != 1:
+        raise OipCodecError("send exactly one input: 'image' or 'pixels'")
+    view = await model_view(service, task, version)
+    wanted = _wanted_outputs(parsed, view.config)
+    top_k = _top_k(view.config, wanted, max_top_k)
+    # Pinned to the version described above, so the answer matches model_version.
+    refs = [TaskRef(task, view.version)]
+    tensor = parsed.inputs[0]
+    if tensor.name == "image":
+        body = await service.predict(_images(tensor), refs, top_k)
+    else:
+        body = await service.predict_tensor(_pixels(tensor), refs, top_k)  # type: ignore[arg-type]
+    outputs = _outputs(view.config, _answers(body, task), wanted)
+    content, headers = encode_response(
+        parsed, model_name=task, model_version=str(view.version), outputs=outputs
+    )
+    return Response(content=content, headers=headers)
+
+
+@router.post("/models/{task}/infer", summary="Inference")
+async def infer(
+    task: str, request: Request, service: ServiceDep, settings: SettingsDep
+) -> Response:
+    """Run the task's current version on encoded images or preprocessed pixels."""
+    return await _infer(request, service, settings.max_top_k, task, None)
+
+
+@router.post("/models/{task}/versions/{version}/infer", summary="Inference on a version")
+async def infer_version(
+    task: str, version: str, request: Request, service: ServiceDep, settings: SettingsDep
+) -> Response:
+    """Run a pinned version of the task."""
+    return await _infer(request, service, settings.max_top_k, task, version)
+
+
+# --- repository ----------------------------------------------------------------------------
+
+
+async def _index(service: InferenceService, ready_only: bool) -> list[dict[str, Any]]:
+    rows = []
+    for summary in await service.registry.list_tuners():
+        if ready_only and not summary.loaded:
+            continue
+        rows.append(
+            {
+                "name": summary.info.name,
+                "version": str(summary.info.version),
+                "state": "READY" if summary.loaded else "UNAVAILABLE",
+                "reason": "" if summary.loaded else "unloaded: registered, loads on demand",
+            }
+        )
+    return rows
+
+
+@router.get("/repository/index", summary="Model repository index")
+async def repository_index_get(service: ServiceDep) -> list[dict[str, Any]]:
+    """Every task with its current version and whether it is loaded."""
+    return await _index(service, False)
+
+
+@router.post("/repository/index", summary="Model repository index")
+async def repository_index(request: Request, service: ServiceDep) -> list[dict[str, Any]]:
+    """Like the GET; ``{"ready": true}`` lists loaded tasks only."""
+    raw = await request.body()
+    ready_only = False
+    if raw.strip():
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise OipCodecError(f"request JSON is invalid: {exc}") from None
+        ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
+    return await _index(service, ready_only)
+
+
+async def _load_parameters(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise OipCodecError(f"request JSON is invalid: {exc}") from None
+    params = doc.get("parameters") if isinstance(doc, dict) else None
+    return params if isinstance(params, dict) else {}
+
+
+@router.post("/repository/models/{task}/load", summary="Load a model")
+async def load_model(task: str, request: Request, service: ServiceDep) -> Response:
+    """Make the task's current version resident in memory."""
+    params = await _load_parameters(request)
+    if "config" in params or any(k.startswith("file:") for k in params):
+        raise OipCodecError("config and file overrides are not supported: PUT an artifact")
+    await service.registry.resolve(task)
+    return JSONResponse({})
+
+
+@router.post("/repository/models/{task}/unload", summary="Unload a model")
+async def unload_model(task: str, request: Request, service: ServiceDep) -> Response:
+    """Evict every loaded version of the task from memory; it stays registered."""
+    await _load_parameters(request)
+    await service.registry.describe(task)  # 404 for an unknown task
+    unload = getattr(service.registry, "unload", None)
+    if unload is None:  # the engine's registry has no public eviction yet
+        return oip_error("unload is not supported by this server build", 501)
+    done = unload(task)
+    if inspect.isawaitable(done):
+        await done
+    return JSONResponse({})
