@@ -113,6 +113,15 @@ def _announcing_server_class() -> Any:
     class AnnouncingServer(uvicorn.Server):  # type: ignore[misc]
         """uvicorn's server, printing the URLs it listens on once startup completed."""
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after its graceful shutdown, so the process
+            # dies "by SIGTERM" even when every request completed. A drained shutdown is a
+            # success: forget the signal and exit 0 (a second Ctrl-C still forces exit).
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:

@@ -17,8 +17,10 @@ from typing import Any, Literal
 REDACTED = "[redacted]"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
+# uvicorn adds ``color_message`` (the message with ANSI colours): noise in a log file.
 _STANDARD_ATTRS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+    | {"message", "asctime", "color_message"}
 )
 
 
