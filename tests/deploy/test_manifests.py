@@ -325,6 +325,10 @@ def test_compose_services_wiring() -> None:
             if vol["type"] == "bind" and vol["target"] != "/models":
                 assert Path(vol["source"]).exists(), f"{name}: {vol['source']} missing"
     assert set(services["nginx"]["depends_on"]) == {"restune"}
+    # Docker's SIGKILL must come after the server's own graceful shutdown.
+    grace = restune["stop_grace_period"]
+    assert grace.endswith("s")
+    assert float(grace.removesuffix("s")) > fields["graceful_shutdown_s"]
 
 
 def test_compose_gpu_override() -> None:
@@ -674,6 +678,11 @@ def test_deployment_probes_security_and_scraping() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert spec["topologySpreadConstraints"]
+    # The kubelet's SIGKILL comes after preStop plus the server's own graceful shutdown.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    shutdown = float(pre_stop[1]) + settings_fields()["graceful_shutdown_s"]
+    assert spec["terminationGracePeriodSeconds"] > shutdown
 
     # A read-only root needs writable /tmp and a writable RESTUNE_HOME (backbone cache).
     volumes = {v["name"]: v for v in spec["volumes"]}
