@@ -152,7 +152,11 @@ def load_backbone(
         preset = get_preset(arch)
     except UnknownPresetError as err:
         raise BackboneLoadError(str(err)) from None
-    model = VisionTransformer(preset.vit)
+    # Built without storage, then allocated uninitialised: every tensor is written below
+    # (seeded init or a strict load), so torch's default init would be wasted work.
+    with torch.device("meta"):
+        model = VisionTransformer(preset.vit)
+    model.to_empty(device="cpu")
     spec = os.fspath(weights)
     dropped: tuple[str, ...] = ()
     if spec.startswith(RANDOM_PREFIX):
