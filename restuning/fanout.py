@@ -66,6 +66,15 @@ class _Stack:
             self.head_bias[start:stop],
         )
 
+    def take(self, tasks: list[int]) -> _Stack:
+        """Tasks ``tasks`` in that order (a copy)."""
+        index = torch.tensor(tasks, device=self.head_bias.device)
+        return _Stack(
+            {key: {n: t[index] for n, t in p.items()} for key, p in self.tuners.items()},
+            self.head_weight[index],
+            self.head_bias[index],
+        )
+
 
 class StackedGroup:
     """K tasks with one ``shape_key`` run together; each task on the rows that asked for it."""
@@ -136,17 +145,38 @@ class StackedGroup:
         if self.strategy == "loop":
             return [m(feats.rows(r)) for m, r in zip(self.modules, idx, strict=True)]
         assert self._stack is not None
+        out_dim = self._stack.head_weight.shape[1]
+        out = [feats.data.new_empty((0, out_dim)) for _ in idx]
+        stack, members = self._active(self._stack, [int(r.numel()) for r in idx])
+        if not members:
+            return out
         _, batch, tokens, dim = feats.data.shape
-        per_task = max(1, batch) * tokens * dim
-        chunk = max(1, self.max_stack_elements // per_task)
-        k = len(self.modules)
-        if chunk >= k:
-            return self._run_stack(self._stack, feats, idx)
-        out: list[Tensor] = []
-        for start in range(0, k, chunk):
-            stop = min(k, start + chunk)
-            out.extend(self._run_stack(self._stack.narrow(start, stop), feats, idx[start:stop]))
+        chunk = max(1, self.max_stack_elements // (max(1, batch) * tokens * dim))
+        for start in range(0, len(members), chunk):
+            stop = min(len(members), start + chunk)
+            part = stack if (start, stop) == (0, len(members)) else stack.narrow(start, stop)
+            ys = self._run_stack(part, feats, [idx[i] for i in members[start:stop]])
+            for i, y in zip(members[start:stop], ys, strict=True):
+                out[i] = y
         return out
+
+    @staticmethod
+    def _active(stack: _Stack, counts: list[int]) -> tuple[_Stack, list[int]]:
+        """The part of the stack to run: tasks without rows are skipped when that is cheap.
+
+        A contiguous run of active tasks is a free view; few scattered active tasks are
+        copied out (cheaper than computing every task); otherwise every task runs and the
+        idle ones' outputs are dropped.
+        """
+        active = [i for i, n in enumerate(counts) if n]
+        if not active or len(active) == len(counts):
+            return stack, active
+        lo, hi = active[0], active[-1] + 1
+        if hi - lo == len(active):
+            return stack.narrow(lo, hi), active
+        if 2 * len(active) <= len(counts):
+            return stack.take(active), active
+        return stack, list(range(len(counts)))
 
     __call__ = forward
 
@@ -154,10 +184,7 @@ class StackedGroup:
         """One chunk of the stack: the bypass as batched ops over its task axis."""
         k = len(rows)
         counts = [int(r.numel()) for r in rows]
-        n_max = max(counts)
-        out_dim = stack.head_weight.shape[1]
-        if n_max == 0:
-            return [feats.data.new_empty((0, out_dim)) for _ in rows]
+        n_max = max(counts)  # > 0: only chunks with an active task run
         data = feats.data  # (L', B, N', D)
         n_layers, batch, tokens, dim = data.shape
         union = torch.unique(torch.cat(rows))  # sorted

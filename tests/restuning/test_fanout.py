@@ -36,6 +36,11 @@ DENSE = _rows(*([list(range(BATCH))] * 5))
 MIXED = _rows([0, 1, 2, 3, 4, 5], [5, 1], [], [3], [2, 2, 0])
 # Sparse: each task asks for few rows (the stack gathers each task's own rows).
 SPARSE = _rows([0], [5], [], [3], [4, 1])
+# Few tasks asked, scattered (their tensors are taken out of the stack) or contiguous (a view).
+SCATTERED = _rows([1, 2], [], [], [], [0, 5])
+CONTIGUOUS = _rows([], [3], [3, 4], [], [])
+ROW_SETS = [DENSE, MIXED, SPARSE, SCATTERED, CONTIGUOUS]
+ROW_IDS = ["dense", "mixed", "sparse", "scattered", "contiguous"]
 
 
 def _one_at_a_time(
@@ -54,7 +59,7 @@ def _assert_all_close(got: list[Tensor], want: list[Tensor]) -> None:
 
 @pytest.mark.parametrize("tuner", KINDS)
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-@pytest.mark.parametrize("rows", [DENSE, MIXED, SPARSE], ids=["dense", "mixed", "sparse"])
+@pytest.mark.parametrize("rows", ROW_SETS, ids=ROW_IDS)
 @pytest.mark.parametrize("scale_mode", ["fixed", "channel"])
 def test_stacked_equals_one_task_at_a_time(
     tuner: str, pooling: str, rows: list[Tensor], scale_mode: str
@@ -76,6 +81,15 @@ def test_stacked_equals_one_task_at_a_time(
         _assert_all_close(group(features, rows), want)
     # A stack split into task chunks (tiny activation cap) gives the same answers.
     _assert_all_close(StackedGroup(modules, "stacked", max_stack_elements=1)(features, rows), want)
+
+
+def test_no_rows_at_all() -> None:
+    modules = _tasks(3)
+    features = make_features(range(5), BATCH, tokens=5, dim=8)
+    empty = _rows([], [], [])
+    for strategy in ("stacked", "loop"):
+        got = StackedGroup(modules, strategy)(features, empty)  # type: ignore[arg-type]
+        assert [tuple(g.shape) for g in got] == [(0, 3)] * 3
 
 
 def test_stacked_rows_are_what_the_task_alone_gives_on_the_whole_batch() -> None:
