@@ -8,6 +8,7 @@ Keys (``P`` is the prefix, ``restune`` by default)::
     P:sha:{name}         hash  sha256 -> version (content addressing)
     P:ver:{name}         counter; INCR gives the next version; kept after delete
     P:blob:{name}:{v}    string, the artifact bytes
+    P:staging:{uuid}     string, an upload on its way in (expires)
     P:epoch, P:seq       identity of this keyspace and a counter of published events
     P:events             pub/sub channel of JSON {kind, name, version, epoch, seq}
 
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+STAGING_TTL_MS = 10 * 60 * 1000
+"""How long an uploaded blob waits for its script before Redis drops it."""
+
 # Shared by every mutating script: stamp the event with the keyspace epoch and a sequence
 # number so a watcher can tell when it missed something.
 _PUBLISH = """
@@ -67,16 +71,22 @@ local function publish(kind, name, version)
     {kind = kind, name = name, version = version, epoch = epoch, seq = seq}))
 end
 """
-# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha, 7 ver
-# ARGV: 1 new epoch, 2 channel, 3 name, 4 sha256, 5 blob, 6 size, 7 created_at, 8 blob prefix
+# The blob is uploaded first to a unique staging key (with a TTL, so an abandoned upload
+# vanishes) and renamed in by the script: passing 5 MB through a script argument would copy it
+# twice more and block Redis for that long.
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha, 7 ver, 8 staging
+# ARGV: 1 new epoch, 2 channel, 3 name, 4 sha256, 5 size, 6 created_at, 7 blob prefix
+# Returns {0, info} (bytes already a version), {1, info} (new version), {-1} (staging gone).
 _PUT = (
     _PUBLISH
     + """
 local name = ARGV[3]
+if redis.call('EXISTS', KEYS[8]) == 0 then return {-1} end
 local existing = redis.call('HGET', KEYS[6], ARGV[4])
 if existing then
   local info = redis.call('HGET', KEYS[5], existing)
   if info then
+    redis.call('DEL', KEYS[8])
     local was = redis.call('HGET', KEYS[3], name)
     local had_traffic = redis.call('HDEL', KEYS[4], name)
     if was ~= info then
@@ -89,8 +99,9 @@ if existing then
 end
 local v = redis.call('INCR', KEYS[7])
 local info = cjson.encode({name = name, version = v, sha256 = ARGV[4],
-                           size = tonumber(ARGV[6]), created_at = ARGV[7]})
-redis.call('SET', ARGV[8] .. v, ARGV[5])
+                           size = tonumber(ARGV[5]), created_at = ARGV[6]})
+redis.call('RENAME', KEYS[8], ARGV[7] .. v)
+redis.call('PERSIST', ARGV[7] .. v)
 redis.call('HSET', KEYS[5], v, info)
 redis.call('HSET', KEYS[6], ARGV[4], v)
 redis.call('HSET', KEYS[3], name, info)
@@ -100,20 +111,6 @@ if had_traffic == 1 then publish('traffic', name, nil) end
 return {1, info}
 """
 )
-# KEYS: 1 index, 2 versions. ARGV: 1 name, 2 version or '', 3 blob prefix.
-# Returns {0} unknown name, {-1} unknown version, else {1, info, blob}.
-_GET = """
-if ARGV[2] == '' then
-  local info = redis.call('HGET', KEYS[1], ARGV[1])
-  if not info then return {0} end
-  local v = cjson.decode(info).version
-  return {1, info, redis.call('GET', ARGV[3] .. v)}
-end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {0} end
-local info = redis.call('HGET', KEYS[2], ARGV[2])
-if not info then return {-1} end
-return {1, info, redis.call('GET', ARGV[3] .. ARGV[2])}
-"""
 # KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha. ARGV: 1, 2, 3 name, 4 blob prefix
 _DELETE = (
     _PUBLISH
@@ -201,7 +198,6 @@ class RedisStore(TunerStore):
             health_check_interval=health_check_s,
         )
         self._put = self._client.register_script(_PUT)
-        self._get = self._client.register_script(_GET)
         self._delete = self._client.register_script(_DELETE)
         self._set_current = self._client.register_script(_SET_CURRENT)
         self._set_traffic = self._client.register_script(_SET_TRAFFIC)
@@ -231,6 +227,7 @@ class RedisStore(TunerStore):
         if validate is not None:
             validate(data)
         digest = hashlib.sha256(data).hexdigest()
+        staging = self._k("staging", uuid.uuid4().hex)
         keys = [
             *self._event_keys(),
             self._k("index"),
@@ -238,28 +235,53 @@ class RedisStore(TunerStore):
             self._k("versions", name),
             self._k("sha", name),
             self._k("ver", name),
+            staging,
         ]
-        args: builtins.list[str | bytes | int] = [
+        args = [
             *self._event_args(),
-            *(name, digest, data, len(data), utc_now(), self._k("blob", name, "")),
+            *(name, digest, str(len(data)), utc_now(), self._k("blob", name, "")),
         ]
-        created, info = await self._call("put", lambda: self._put(keys=keys, args=args))
-        return PutResult(_info(info), created=bool(created))
+
+        async def write() -> list[Any]:
+            await self._client.set(staging, data, px=STAGING_TTL_MS)
+            return await self._put(keys=keys, args=args)  # type: ignore[no-any-return]
+
+        reply = await self._call("put", write)
+        if reply[0] == -1:
+            raise StoreUnavailable(f"redis at {self.url} lost the uploaded bytes; retry")
+        return PutResult(_info(reply[1]), created=bool(reply[0]))
 
     async def get(self, name: str, version: int | None = None) -> StoredTuner:
         validate_qualified_name(name)
-        keys = [self._k("index"), self._k("versions", name)]
-        args = [name, "" if version is None else str(version), self._k("blob", name, "")]
-        reply = await self._call("get", lambda: self._get(keys=keys, args=args))
-        if reply[0] == 0:
-            raise TunerNotFound(name)
-        if reply[0] == -1:
-            assert version is not None
-            raise VersionNotFound(name, version)
-        info = _info(reply[1])
-        if reply[2] is None:
+        if version is None:
+            raw = await self._call("get", lambda: self._client.hget(self._k("index"), name))
+            if raw is None:
+                raise TunerNotFound(name)
+            info = _info(raw)
+            blob = await self._call(
+                "get", lambda: self._client.get(self._k("blob", name, info.version))
+            )
+        else:
+
+            async def read() -> list[Any]:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.hexists(self._k("index"), name)
+                    pipe.hget(self._k("versions", name), str(version))
+                    pipe.get(self._k("blob", name, version))
+                    return await pipe.execute()  # type: ignore[no-any-return]
+
+            exists, raw, blob = await self._call("get", read)
+            if not exists:
+                raise TunerNotFound(name)
+            if raw is None:
+                raise VersionNotFound(name, version)
+            info = _info(raw)
+        if blob is None:
+            # Deleted between reading the index and the blob, or the keyspace lost it.
+            await self.versions(name)  # raises TunerNotFound if the name is gone
             raise StoreCorrupt(f"blob of {name!r} version {info.version} is missing")
-        return StoredTuner(info, bytes(reply[2]))
+        assert isinstance(blob, bytes)  # the client never decodes responses
+        return StoredTuner(info, blob)
 
     async def delete(self, name: str) -> None:
         validate_qualified_name(name)

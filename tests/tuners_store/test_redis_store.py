@@ -190,6 +190,7 @@ def test_blobs_and_index_live_under_the_prefix(redis_url: str) -> None:
     async def main() -> None:
         async with open_store(f"{redis_url}?prefix={prefix}") as store:
             await store.put("acme/cats", make_artifact(seed=1))
+            await store.put("acme/cats", make_artifact(seed=1))  # identical: staging dropped
 
     asyncio.run(main())
     client = redis.Redis.from_url(redis_url)
@@ -198,6 +199,8 @@ def test_blobs_and_index_live_under_the_prefix(redis_url: str) -> None:
     assert f"{prefix}:blob:acme/cats:1" in keys
     assert f"{prefix}:index" in keys
     assert f"{prefix}:ver:acme/cats" in keys
+    assert not [k for k in keys if ":staging:" in k]
+    assert not [k for k in keys if ":blob:" in k and k != f"{prefix}:blob:acme/cats:1"]
 
 
 def test_redacted_url() -> None:
