@@ -77,6 +77,8 @@ RUN groupadd --system --gid 10001 restune \
     && mkdir -p /models /data \
     && chown 10001:10001 /data
 COPY --from=gpu-build /opt/venv /opt/venv
+# Attribution for the bundled third-party weights and code (Apache-2.0 section 4).
+COPY NOTICE /usr/share/doc/restune/NOTICE
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -108,6 +110,8 @@ RUN groupadd --system --gid 10001 restune \
     && mkdir -p /models /data \
     && chown 10001:10001 /data
 COPY --from=cpu-build /opt/venv /opt/venv
+# Attribution for the bundled third-party weights and code (Apache-2.0 section 4).
+COPY NOTICE /usr/share/doc/restune/NOTICE
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
