@@ -144,7 +144,7 @@ class TunerStore(ABC):
 
     @abstractmethod
     async def list(self) -> dict[str, VersionInfo]:
-        """Every name with its current version, read at one instant."""
+        """Every name with its current version (each entry self-consistent)."""
 
     async def snapshot(self) -> dict[str, VersionInfo]:
         """The full index of current versions (what a watcher rebuilds from on ``resync``)."""

@@ -147,7 +147,11 @@ class FilesystemStore(TunerStore):
 
     def _names_on_disk(self) -> list[str]:
         names: list[str] = []
-        for entry in self.root.iterdir():
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            raise StoreUnavailable(f"store directory {self.root} is gone") from None
+        for entry in entries:
             if entry.name.startswith(TENANT_PREFIX) and entry.is_dir():
                 tenant = entry.name[len(TENANT_PREFIX) :]
                 names.extend(f"{tenant}/{sub.name}" for sub in entry.iterdir() if sub.is_dir())
@@ -428,7 +432,7 @@ class FilesystemStore(TunerStore):
                 seen, events = await asyncio.to_thread(
                     self._poll, seen, polls % FULL_RESCAN_EVERY == 0
                 )
-            except (OSError, StoreCorrupt) as exc:
+            except (OSError, StoreCorrupt, StoreUnavailable) as exc:
                 # Keep watching: the next successful poll diffs against the last good view.
                 log.warning("tuner store watch: poll of %s failed: %s", self.root, exc)
                 events = []

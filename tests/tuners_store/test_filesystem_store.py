@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.tuners_store.artifact_factory import make_artifact
-from tuners_store import StoreEvent, TunerNotFound, open_store
+from tuners_store import StoreEvent, StoreUnavailable, TunerNotFound, open_store
 from tuners_store.filesystem import BLOB_SUFFIX, INDEX_FILE, TMP_PREFIX, FilesystemStore
 
 # fork: the children inherit the imported modules, so each starts in milliseconds.
@@ -161,3 +161,16 @@ def test_open_store_file_urls(
 def test_open_store_refuses_bad_urls(url: str) -> None:
     with pytest.raises(ValueError, match="URL"):
         open_store(url)
+
+
+def test_missing_root_is_unavailable(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path / "store")
+    (tmp_path / "store").rmdir()
+
+    async def main() -> None:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.list()
+
+    asyncio.run(main())
