@@ -18,18 +18,28 @@ DINO = PRESETS["vit_small_patch14_dinov2"].data  # 224, crop 0.875, ImageNet mea
 AUGREG = PRESETS["vit_small_patch16_224"].data  # 224, crop 0.9, mean/std 0.5
 
 
-def test_real_photo_matches_hand_computed_crop() -> None:
+@pytest.mark.parametrize(
+    ("config", "resized_wh", "top_left"),
+    [
+        # Shorter side 400 -> floor(224 / 0.875) = 256, longer 600 -> 384; crop at (16, 80).
+        (DINO, (384, 256), (16, 80)),
+        # timm floors: 224 / 0.9 = 248.9 -> 248 (not 249), longer side 372; crop at (12, 74).
+        (AUGREG, (372, 248), (12, 74)),
+    ],
+)
+def test_real_photo_matches_hand_computed_crop(
+    config: DataConfig, resized_wh: tuple[int, int], top_left: tuple[int, int]
+) -> None:
     photo = data.coffee()  # (400, 600, 3): shorter side is the height
-    out = preprocess(Image.fromarray(photo), DINO)
+    out = preprocess(Image.fromarray(photo), config)
     assert out.shape == (3, 224, 224)
     assert out.dtype == torch.float32
-    # Shorter side 400 -> floor(224 / 0.875) = 256, longer side 600 -> 384, then the center
-    # 224 x 224 starts at (16, 80).
     resized = np.asarray(
-        Image.fromarray(photo).resize((384, 256), Image.Resampling.BICUBIC), dtype=np.float64
+        Image.fromarray(photo).resize(resized_wh, Image.Resampling.BICUBIC), dtype=np.float64
     )
-    crop = resized[16:240, 80:304] / 255.0
-    expected = (crop - np.array(DINO.mean)) / np.array(DINO.std)
+    top, left = top_left
+    crop = resized[top : top + 224, left : left + 224] / 255.0
+    expected = (crop - np.array(config.mean)) / np.array(config.std)
     np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
