@@ -98,6 +98,7 @@ class StackedGroup:
         if len(placements) != 1:
             raise ValueError(f"tasks of a group must share one device and dtype: {placements}")
         self.modules: tuple[TaskModule, ...] = tuple(modules)
+        self._requested: Strategy = strategy
         self.strategy: Literal["stacked", "loop"] = (
             choose_strategy(len(modules)) if strategy == "auto" else strategy
         )
@@ -122,14 +123,16 @@ class StackedGroup:
     def with_module(self, module: TaskModule) -> StackedGroup:
         """A new group with ``module`` added, replacing a task of the same name."""
         kept = [m for m in self.modules if m.config.name != module.config.name]
-        return StackedGroup([*kept, module], max_stack_elements=self.max_stack_elements)
+        return StackedGroup(
+            [*kept, module], self._requested, max_stack_elements=self.max_stack_elements
+        )
 
     def without(self, name: str) -> StackedGroup | None:
         """A new group without task ``name``; ``None`` when no task is left."""
         kept = [m for m in self.modules if m.config.name != name]
         if not kept:
             return None
-        return StackedGroup(kept, max_stack_elements=self.max_stack_elements)
+        return StackedGroup(kept, self._requested, max_stack_elements=self.max_stack_elements)
 
     @torch.no_grad()
     def forward(self, features: Features, rows: Sequence[Tensor]) -> list[Tensor]:
