@@ -224,9 +224,14 @@ class RedisStore(TunerStore):
 
     async def put(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
         validate_qualified_name(name)
-        if validate is not None:
-            validate(data)
-        digest = hashlib.sha256(data).hexdigest()
+
+        def check() -> str:
+            if validate is not None:
+                validate(data)
+            return hashlib.sha256(data).hexdigest()
+
+        # Validation and hashing of a multi-MB upload would stall the event loop.
+        digest = await asyncio.to_thread(check)
         staging = self._k("staging", uuid.uuid4().hex)
         keys = [
             *self._event_keys(),
