@@ -20,7 +20,7 @@ from starlette.types import Scope
 from server.api import health, predict, tuners
 from server.engine.service import InferenceService
 from server.metrics import Metrics
-from server.middleware.body_limit import BodyLimitMiddleware, LimitFor
+from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFor
 from server.middleware.request_context import RequestContextMiddleware
 from server.problems import install_exception_handlers
 from server.settings import Settings
@@ -33,12 +33,13 @@ OPTIONAL_ROUTERS = ("server.api.oip",)
 def body_limit_for(settings: Settings) -> LimitFor:
     """Body limit per request: artifact uploads get the artifact limit, the rest the request
     limit."""
-    artifact_limit = max(settings.max_artifact_bytes, settings.max_request_bytes)
+    request = BodyLimit(settings.max_request_bytes)
+    artifact = BodyLimit(settings.max_artifact_bytes, "artifact_too_large", "the artifact")
 
-    def limit_for(scope: Scope) -> int:
+    def limit_for(scope: Scope) -> BodyLimit:
         if scope.get("method") == "PUT" and str(scope.get("path", "")).startswith("/v1/tuners/"):
-            return artifact_limit
-        return settings.max_request_bytes
+            return artifact
+        return request
 
     return limit_for
 

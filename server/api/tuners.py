@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
-from server.api.deps import AdminDep, ServiceDep, SettingsDep
+from server.api.deps import AdminDep, ServiceDep
 from server.api.schemas import Deleted, Registered, TunerDetail, TunerList, problem_responses
 from server.errors import ApiError
 
@@ -65,7 +65,6 @@ async def register_tuner(
     _admin: AdminDep,
     name: TunerName,
     service: ServiceDep,
-    settings: SettingsDep,
 ) -> JSONResponse:
     """Validate the artifact (header, shapes, backbone fingerprint) and make it the current
     version of ``name`` on every replica. Re-uploading identical bytes answers 200 with the
@@ -77,7 +76,8 @@ async def register_tuner(
             f"send the artifact file as the raw body (application/octet-stream), not "
             f"{media_type}; e.g. curl -T tuner.safetensors",
         )
-    data = await _read_limited(request, settings.max_artifact_bytes)
+    # The body-limit middleware stops an artifact over max_artifact_bytes while it streams.
+    data = await request.body()
     if not data:
         raise ApiError("validation_error", "the body is empty; send the artifact bytes")
     info, created = await service.registry.register(name, data)
@@ -98,17 +98,3 @@ async def delete_tuner(_admin: AdminDep, name: TunerName, service: ServiceDep) -
     """Remove the tuner from the store; every replica stops serving it."""
     await service.registry.delete(name)
     return Deleted(name=name, deleted=True)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused as ``artifact_too_large`` as soon as it passes ``limit`` bytes."""
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError(
-                "artifact_too_large",
-                f"the artifact is larger than the limit of {limit} bytes",
-                limit=limit,
-            )
-    return bytes(buf)

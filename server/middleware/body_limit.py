@@ -11,21 +11,32 @@ reading the body (401 on an admin route, 404) answers as usual, and metrics see 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError
 from server.problems import problem_response
 
-LimitFor = Callable[[Scope], int]
-"""Maximum body bytes for a request (the limit may depend on the method and path)."""
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most body bytes a request may send, and the error code past it."""
+
+    max_bytes: int
+    code: str = "payload_too_large"
+    what: str = "request body"
 
 
-def _too_large(limit: int) -> ApiError:
+LimitFor = Callable[[Scope], BodyLimit]
+"""The limit of a request (it may depend on the method and path)."""
+
+
+def _too_large(limit: BodyLimit) -> ApiError:
     return ApiError(
-        "payload_too_large",
-        f"request body exceeds the limit of {limit} bytes",
-        limit=limit,
+        limit.code,
+        f"{limit.what} exceeds the limit of {limit.max_bytes} bytes",
+        limit=limit.max_bytes,
     )
 
 
@@ -48,13 +59,13 @@ class BodyLimitMiddleware:
 
         async def limited_receive() -> Message:
             nonlocal received, tripped
-            if tripped or (declared is not None and declared > limit):
+            if tripped or (declared is not None and declared > limit.max_bytes):
                 tripped = True
                 raise _too_large(limit)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
+                if received > limit.max_bytes:
                     tripped = True
                     raise _too_large(limit)
             return message

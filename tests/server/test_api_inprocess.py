@@ -429,8 +429,14 @@ def test_register_refusals(app_client: TestClient, tiny_backbone: TorchBackbone)
     too_big = app_client.put(
         "/v1/tuners/refused", content=bytes(MAX_ARTIFACT_BYTES + 1), headers=AUTH
     )
-    assert too_big.status_code == 413
-    assert too_big.json()["code"] in {"artifact_too_large", "payload_too_large"}
+    assert problem(too_big, 413, "artifact_too_large")["limit"] == MAX_ARTIFACT_BYTES
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(MAX_ARTIFACT_BYTES // 65536 + 2):
+            yield bytes(65536)
+
+    streamed = app_client.put("/v1/tuners/refused", content=chunks(), headers=AUTH)
+    problem(streamed, 413, "artifact_too_large")
     problem(app_client.get("/v1/tuners/refused"), 404, "tuner_not_found")
 
 
