@@ -122,7 +122,7 @@ class TunerConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"name must match {NAME_PATTERN}")
         return v
 
@@ -167,10 +167,19 @@ class TunerConfig(_Model):
     def shape_key(self) -> tuple[object, ...]:
         """Tasks with equal keys have identically shaped tensors and can be stacked."""
         b = self.bypass
-        return (b.tuner, b.layers, b.bottleneck, b.combine, b.lam if b.combine == "lerp" else None,
-                b.scale_mode, b.scale if b.scale_mode == "fixed" else None,
-                b.prefix_len if b.tuner != "res_adapter" else None,
-                self.pooling, self.task, self.num_outputs)
+        return (
+            b.tuner,
+            b.layers,
+            b.bottleneck,
+            b.combine,
+            b.lam if b.combine == "lerp" else None,
+            b.scale_mode,
+            b.scale if b.scale_mode == "fixed" else None,
+            b.prefix_len if b.tuner != "res_adapter" else None,
+            self.pooling,
+            self.task,
+            self.num_outputs,
+        )
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,9 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
-def tuner_tensor_specs(kind: TunerKind, prefix: str, dim: int, b: BypassConfig) -> dict[str, TensorSpec]:
+def tuner_tensor_specs(
+    kind: TunerKind, prefix: str, dim: int, b: BypassConfig
+) -> dict[str, TensorSpec]:
     """Tensors of one Res-Tuner named ``prefix`` (e.g. ``bypass.lateral.3``)."""
     r, p, d = b.bottleneck, b.prefix_len, dim
     if kind == "res_adapter":
@@ -190,7 +201,14 @@ def tuner_tensor_specs(kind: TunerKind, prefix: str, dim: int, b: BypassConfig) 
         # t + s * (Wo softmax((Wq t) K^T / sqrt(r)) V + bo), K, V learned (P, r)
         shapes = {"wq": (r, d), "k": (p, r), "v": (p, r), "wo": (d, r), "bo": (d,)}
     else:  # res_prompt: K = prompt Wk^T, V = prompt Wv^T from learned prompt tokens (P, D)
-        shapes = {"wq": (r, d), "prompt": (p, d), "wk": (r, d), "wv": (r, d), "wo": (d, r), "bo": (d,)}
+        shapes = {
+            "wq": (r, d),
+            "prompt": (p, d),
+            "wk": (r, d),
+            "wv": (r, d),
+            "wo": (d, r),
+            "bo": (d,),
+        }
     if b.scale_mode == "scalar":
         shapes["scale"] = (1,)
     elif b.scale_mode == "channel":
@@ -209,7 +227,9 @@ def tensor_specs(config: TunerConfig) -> dict[str, TensorSpec]:
     specs: dict[str, TensorSpec] = {}
     for layer in config.bypass.block_range:
         for side in SIDES:
-            specs.update(tuner_tensor_specs(config.bypass.tuner, f"bypass.{side}.{layer}", d, config.bypass))
+            specs.update(
+                tuner_tensor_specs(config.bypass.tuner, f"bypass.{side}.{layer}", d, config.bypass)
+            )
     specs["head.weight"] = TensorSpec((config.num_outputs, d))
     specs["head.bias"] = TensorSpec((config.num_outputs,))
     return specs
