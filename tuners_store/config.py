@@ -52,7 +52,7 @@ class BackboneRef(_Model):
 
 
 class BypassConfig(_Model):
-    """The bypass network: Res-Tuners beside blocks ``layers[0]..layers[1]`` (1-based, inclusive)."""
+    """The bypass: Res-Tuners beside blocks ``layers[0]..layers[1]`` (1-based, inclusive)."""
 
     tuner: TunerKind = "res_adapter"
     """Kind of every lateral and vertical Res-Tuner."""
@@ -149,7 +149,8 @@ class TunerConfig(_Model):
                 raise ValueError("embedding_dim is only for embedding tasks")
         if self.bypass.layers[1] > self.backbone.depth:
             raise ValueError(
-                f"bypass layers {list(self.bypass.layers)} exceed backbone depth {self.backbone.depth}"
+                f"bypass layers {list(self.bypass.layers)} exceed "
+                f"backbone depth {self.backbone.depth}"
             )
         return self
 
