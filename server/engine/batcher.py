@@ -179,13 +179,15 @@ class MicroBatcher:
         return float(min(high, max(low, math.ceil(backlog))))
 
     def _withdraw(self, pending: list[_Pending]) -> None:
-        """Remove a finished or abandoned request's images that are still queued."""
-        waiting = [p for p in pending if not p.future.done()]
-        if not waiting:
+        """Take a finished or abandoned request's images that are still queued off the queue."""
+        # A timeout cancels the futures (via gather) before we get here: cancelled ones may
+        # still sit in the queue, holding capacity.
+        unfinished = [p for p in pending if not p.future.done() or p.future.cancelled()]
+        if not unfinished:
             return
-        for p in waiting:
+        for p in unfinished:
             p.future.cancel()
-        gone = set(map(id, waiting))
+        gone = set(map(id, unfinished))
         self._queue = deque(p for p in self._queue if id(p) not in gone)
         self._report_depth()
 

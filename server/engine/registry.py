@@ -226,8 +226,9 @@ class TunerRegistry:
     async def _discover(self, name: str) -> VersionInfo:
         """A name missing from the index: ask the store once (its event may still be coming)."""
         try:
-            stored = await self.store.versions(name)
-            info = (await self.store.get(name)).info if stored else None
+            # versions() answers cheaply for the common case, a name that does not exist;
+            # only a name that does is worth reading the whole index for its current version.
+            info = (await self.store.list()).get(name) if await self.store.versions(name) else None
         except (TunerNotFound, InvalidName, VersionNotFound):
             info = None
         except StoreError as exc:
@@ -574,14 +575,17 @@ class TunerRegistry:
             log.warning("preloading tuner %s v%s failed: %s", name, version, exc.detail)
             if exc.code in ("unknown_task", "unknown_version"):
                 return
-            # Unloadable (corrupt, store down): still follow the index so requests get
-            # the per-task error for the version the store says is current.
+            # Unloadable (corrupt blob, store down). A name already serving keeps its loaded
+            # version; a new name enters the index so requests get a per-task error naming
+            # the failure instead of "unknown task".
+            if name in self._index:
+                return
             try:
-                info = (await self.store.get(name, version)).info
+                found = [v for v in await self.store.versions(name) if v.version == version]
             except StoreError:
                 return
-            if self._change.get(name, 0) == change:
-                self._swap(name, info)
+            if found and self._change.get(name, 0) == change:
+                self._swap(name, found[0])
             return
         except StoreError as exc:
             log.warning("preloading tuner %s failed: %s", name, exc)

@@ -368,8 +368,16 @@ class InferenceService:
             except Exception as exc:  # any failure to answer means not reachable
                 store_error = str(exc) or type(exc).__name__
         accepting = self.started and self.batcher.accepting
+        reasons = []
+        if self._backbone is None:
+            reasons.append("the backbone is not loaded")
+        if not store_ok:
+            reasons.append(f"the tuner store is unreachable: {store_error or 'not open'}")
+        if not accepting:
+            reasons.append("the service is starting or shutting down")
         body: dict[str, Any] = {
-            "ready": bool(self.started and store_ok and accepting),
+            "ready": not reasons,
+            "reasons": reasons,
             "backbone_loaded": self._backbone is not None,
             "store": {"url": self._store.url if self._store else None, "reachable": store_ok},
             "accepting": accepting,

@@ -1,0 +1,218 @@
+"""The micro-batcher: coalescing, bounded queue (fast 503), deadlines, order, drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from restuning.backbone import TorchBackbone
+from server.engine.batcher import MicroBatcher
+from server.engine.engine import BatchItem, BatchOutput, Engine
+from server.engine.feature_cache import FeatureCache
+from server.engine.loaded_tuner import LoadedTuner
+from server.errors import ApiError
+from server.metrics import Metrics
+from tests.server.engine.conftest import ArtifactFactory
+from tests.server.engine.engine_kit import (
+    Gate,
+    RecordingRuntime,
+    answers_close,
+    loaded_tuner,
+    pixels_of,
+)
+
+
+@pytest.fixture
+def pets(tiny_backbone: TorchBackbone, artifact: ArtifactFactory) -> LoadedTuner:
+    return loaded_tuner(tiny_backbone, artifact("pets", seed=1))
+
+
+@pytest.fixture
+def make_items(
+    tiny_backbone: TorchBackbone, pets: LoadedTuner
+) -> Callable[[int, int], list[BatchItem]]:
+    def build(n: int, first: int = 0) -> list[BatchItem]:
+        return [BatchItem(*pixels_of(first + i, tiny_backbone), (pets,), 1) for i in range(n)]
+
+    return build
+
+
+def batcher_for(
+    run_batch: Callable[[list[BatchItem]], BatchOutput],
+    metrics: Metrics | None = None,
+    *,
+    max_batch: int = 8,
+    max_queue: int = 16,
+    wait_ms: float = 0.0,
+) -> MicroBatcher:
+    batcher = MicroBatcher(
+        run_batch,
+        max_batch_images=max_batch,
+        max_wait_ms=wait_ms,
+        max_queue_images=max_queue,
+        metrics=metrics,
+    )
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_requests_coalesce_and_answer_in_order(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    engine = Engine(runtime, FeatureCache(0))
+    gate = Gate(engine.run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate, max_batch=4)
+        first = asyncio.create_task(batcher.submit(make_items(1, 0)))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        # While the worker is busy, three requests of 2, 3 and 1 images queue up.
+        requests = [make_items(2, 10), make_items(3, 20), make_items(1, 30)]
+        tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        assert batcher.queued_images == 6
+        gate.open.set()
+        await first
+        answers = await asyncio.gather(*tasks)
+        # 6 queued images, batches of at most 4: the 3-image request is split across two.
+        assert gate.sizes == [1, 4, 2]
+        for request, got in zip(requests, answers, strict=True):
+            assert len(got) == len(request)
+            for item, done in zip(request, got, strict=True):
+                alone = engine.run_batch([item]).items[0]
+                assert answers_close(done.output.answers, alone.answers)
+        split = {done.batch.batch_id for done in answers[1]}
+        assert len(split) == 2
+        await batcher.drain()
+
+    asyncio.run(main())
+
+
+def test_overload_is_refused_at_once_with_retry_after(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    metrics = Metrics()
+    gate = Gate(Engine(runtime, FeatureCache(0)).run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate, metrics, max_batch=2, max_queue=4)
+        busy = asyncio.create_task(batcher.submit(make_items(2, 0)))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        queued = asyncio.create_task(batcher.submit(make_items(3, 2)))
+        await asyncio.sleep(0)
+        assert batcher.queued_images == 3
+        with pytest.raises(ApiError) as err:
+            batcher.enqueue(make_items(2, 5))  # 3 + 2 > 4: refused synchronously
+        assert (err.value.code, err.value.status) == ("overloaded", 503)
+        assert err.value.retry_after is not None
+        assert err.value.retry_after >= 1
+        assert err.value.headers()["Retry-After"].isdigit()
+        assert batcher.queued_images == 3  # nothing of the refused request was queued
+        one_more = asyncio.create_task(batcher.submit(make_items(1, 7)))  # 3 + 1 fits
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as too_big:
+            batcher.enqueue(make_items(5, 0))
+        assert too_big.value.code == "too_many_images"
+        gate.open.set()
+        await asyncio.gather(busy, queued, one_more)
+        await batcher.drain()
+
+    asyncio.run(main())
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_rejected_requests_total", {"reason": "overloaded"}) == 1
+    assert sample("restune_queue_depth_images") == 0
+    assert sample("restune_queue_wait_seconds_count") == 6
+
+
+def test_a_request_past_its_deadline_fails_and_leaves_the_queue(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    gate = Gate(Engine(runtime, FeatureCache(0)).run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate, max_batch=1)
+        busy = asyncio.create_task(batcher.submit(make_items(1, 0)))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(make_items(2, 1), deadline=loop.time() + 0.05)
+        assert (err.value.code, err.value.status) == ("deadline_exceeded", 504)
+        assert batcher.queued_images == 0  # withdrawn, never computed
+        gate.open.set()
+        await busy
+        await batcher.drain()
+        assert gate.sizes == [1]
+
+    asyncio.run(main())
+
+
+def test_expired_images_are_dropped_before_compute(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    gate = Gate(Engine(runtime, FeatureCache(0)).run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate)
+        busy = asyncio.create_task(batcher.submit(make_items(1, 0)))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        loop = asyncio.get_running_loop()
+        stale = batcher.enqueue(make_items(2, 1), deadline=loop.time() - 1.0)
+        fresh = asyncio.create_task(batcher.submit(make_items(1, 3)))
+        gate.open.set()
+        await busy
+        assert len(await fresh) == 1
+        for pending in stale:
+            with pytest.raises(ApiError) as err:
+                await pending.future
+            assert err.value.code == "deadline_exceeded"
+        assert gate.sizes == [1, 1]  # the expired pair never reached the engine
+        await batcher.drain()
+
+    asyncio.run(main())
+
+
+def test_drain_finishes_queued_work_and_refuses_new(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    gate = Gate(Engine(runtime, FeatureCache(0)).run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate, max_batch=2, wait_ms=1000.0)
+        queued = asyncio.create_task(batcher.submit(make_items(3, 0)))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        drained = asyncio.create_task(batcher.drain())
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(make_items(1, 5))
+        assert err.value.code == "not_ready"
+        gate.open.set()
+        await drained
+        assert len(await queued) == 3  # the queued image was not left behind
+        assert gate.sizes == [2, 1]  # the last batch did not wait out max_wait_ms
+
+    asyncio.run(main())
+
+
+def test_an_engine_failure_fails_its_batch_only(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    engine = Engine(runtime, FeatureCache(0))
+    calls = {"n": 0}
+
+    def flaky(items: list[BatchItem]) -> BatchOutput:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")  # a fault the tiny CPU model cannot produce
+        return engine.run_batch(items)
+
+    async def main() -> None:
+        batcher = batcher_for(flaky)
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(make_items(2, 0))
+        assert (err.value.code, err.value.status) == ("internal", 500)
+        assert len(await batcher.submit(make_items(2, 0))) == 2
+        await batcher.drain()
+
+    asyncio.run(main())
