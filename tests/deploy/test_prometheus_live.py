@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,6 +141,13 @@ def query(client: httpx.Client, expr: str) -> list[dict[str, Any]]:
     return result
 
 
+def label_values(client: httpx.Client, label: str, metric: str) -> list[str]:
+    """Values of ``label`` over the series of ``metric`` (what a Grafana variable lists)."""
+    r = client.get(f"/api/v1/label/{label}/values", params={"match[]": metric})
+    values: list[str] = r.json()["data"]
+    return values
+
+
 def test_prometheus_scrapes_the_live_server(live_server: Any, prometheus: httpx.Client) -> None:
     # Traffic, so that request counters and latency histograms have series.
     with httpx.Client(base_url=live_server.url, timeout=10.0) as api:
@@ -185,7 +193,7 @@ def test_dashboard_and_rules_evaluate_on_live_data(
         wheres = [w for w in queries if title in w]
         assert wheres, title
         wait_until(
-            f"data for panel {title!r}", lambda w=wheres[0]: query(prometheus, queries[w]), DATA_S
+            f"data for panel {title!r}", partial(query, prometheus, queries[wheres[0]]), DATA_S
         )
     # Every query evaluates without a PromQL error (empty is fine: no predictions were made).
     for where, expr in queries.items():
@@ -198,11 +206,7 @@ def test_dashboard_and_rules_evaluate_on_live_data(
     target = urlsplit(live_server.url).netloc
     for name, metric, label in dashboard_variable_queries():
         values = wait_until(
-            f"values of ${name}",
-            lambda m=metric, lab=label: prometheus.get(
-                f"/api/v1/label/{lab}/values", params={"match[]": m}
-            ).json()["data"],
-            DATA_S,
+            f"values of ${name}", partial(label_values, prometheus, label, metric), DATA_S
         )
         if label == "instance":
             assert target in values
