@@ -95,3 +95,13 @@ def test_load_refuses_non_finite_weights() -> None:
     with pytest.raises(ArtifactError) as err:
         load_task(save_task(module), make_norm(8))
     assert err.value.code == "artifact_non_finite"
+
+
+def test_tiny_backbone_artifact_loads_onto_its_backbone(tiny_artifact, tiny_backbone) -> None:  # type: ignore[no-untyped-def]
+    module = load_task(
+        tiny_artifact, tiny_backbone.final_norm, expect_fingerprint=tiny_backbone.fingerprint
+    )
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = tiny_backbone.forward_features(images, module.feature_spec)
+    with torch.no_grad():
+        assert module(features).shape == (2, 3)
