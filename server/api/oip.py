@@ -26,12 +26,14 @@ import base64
 import binascii
 import inspect
 import json
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -50,7 +52,10 @@ from server.api.oip_codec import (
 )
 from server.engine.service import InferenceService, TaskRef
 from server.errors import ApiError, status_for
+from server.problems import request_state
 from tuners_store.config import TunerConfig
+
+log = logging.getLogger("restune.server")
 
 SERVER_NAME = "restune"
 EXTENSIONS = ["model_repository", "binary_tensor_data", "classification"]
@@ -71,17 +76,25 @@ class OipRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def oip_handler(request: Request) -> Response:
+            state = request_state(request.scope)
             try:
                 return await handler(request)
             except ApiError as exc:
-                request.state.error_code = exc.code
+                state["error_code"] = exc.code
                 return oip_error(exc.detail, exc.status, exc.headers())
-            except OipCodecError as exc:
-                request.state.error_code = "validation_error"
-                return oip_error(str(exc), 400)
-            except RequestValidationError as exc:
-                request.state.error_code = "validation_error"
-                return oip_error(f"invalid request: {exc.errors()}", 400)
+            except (OipCodecError, RequestValidationError) as exc:
+                state["error_code"] = "validation_error"
+                message = str(exc) if isinstance(exc, OipCodecError) else f"{exc.errors()}"
+                return oip_error(message, 400)
+            except Exception as exc:  # a bug: log it as the app does, answer in OIP shape
+                request_id = state.get("request_id", "-")
+                log.error(
+                    "unhandled error",
+                    exc_info=exc,
+                    extra={"request_id": request_id, "path": request.url.path},
+                )
+                state["error_code"] = "internal"
+                return oip_error(f"internal server error (request id {request_id})", 500)
 
         return oip_handler
 
@@ -263,7 +276,8 @@ def _pixels(tensor: InferInput) -> npt.NDArray[np.float32]:
         raise OipCodecError(f"input 'pixels' must be FP32, not {tensor.datatype}")
     if tensor.data.ndim != 4:
         raise OipCodecError(f"input 'pixels' must be [B, 3, H, W], got {list(tensor.shape)}")
-    return np.ascontiguousarray(tensor.data, dtype=np.float32)  # (B, 3, H, W)
+    # Writable: the binary tail decodes to a read-only view, which torch would warn about.
+    return np.require(tensor.data, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])  # (B, 3, H, W)
 
 
 def _wanted_outputs(request: InferRequest, config: TunerConfig) -> dict[str, int]:
@@ -370,7 +384,8 @@ async def _infer(
     if tensor.name == "image":
         body = await service.predict(_images(tensor), refs, top_k)
     else:
-        body = await service.predict_tensor(_pixels(tensor), refs, top_k)  # type: ignore[arg-type]
+        # The service takes a torch tensor: wrap the decoded array (no copy) at the call.
+        body = await service.predict_tensor(torch.from_numpy(_pixels(tensor)), refs, top_k)
     outputs = _outputs(view.config, _answers(body, task), wanted)
     content, headers = encode_response(
         parsed, model_name=task, model_version=str(view.version), outputs=outputs
