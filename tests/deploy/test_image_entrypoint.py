@@ -10,6 +10,7 @@ once SIGTERM has stopped it, and the stop is graceful (exit 0).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -92,8 +93,10 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     context.mkdir(exist_ok=True)
                     shutil.copy(path, context / src)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # Offline when this environment can build the project itself; else pip fetches the backend.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     build = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", str(context), "-w", str(root)],
+        [*pip, "wheel", "--no-deps", *isolation, str(context), "-w", str(root)],
         capture_output=True,
         text=True,
         timeout=300,
