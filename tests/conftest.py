@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.models",
+    "tests.fixtures.tuners",
     "tests.fixtures.live_server",
 ]
