@@ -340,6 +340,16 @@ class TunerRegistry:
         if loaded is not None:
             self._loaded_bytes -= loaded.nbytes
 
+    def unload(self, name: str) -> int:
+        """Drop every loaded version of ``name`` from memory (it stays registered and loads
+        again on its next request); returns how many were dropped. In-flight batches keep
+        the modules they hold."""
+        keys = [k for k in self._loaded if k[0] == name]
+        for key in keys:
+            self._unload(key)
+        self._report()
+        return len(keys)
+
     def is_loaded(self, name: str, version: int) -> bool:
         return (name, version) in self._loaded
 

@@ -367,3 +367,20 @@ def test_a_store_listing_a_tuner_it_was_never_told_about_is_found(
             assert reg.known("late")
 
     run(main())
+
+
+def test_unload_frees_memory_and_the_next_request_reloads(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    async def main() -> None:
+        async with open_registry(settings, runtime) as reg:
+            await reg.register("pets", artifact("pets"))
+            assert reg.loaded_bytes > 0
+            assert reg.unload("pets") == 1
+            assert reg.loaded_bytes == 0
+            assert reg.known("pets")
+            assert not reg.is_loaded("pets", 1)
+            assert (await reg.resolve("pets")).version == 1
+            assert reg.is_loaded("pets", 1)
+
+    run(main())
