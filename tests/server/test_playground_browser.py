@@ -25,9 +25,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 if CHROMIUM is None:
-    pytest.skip(
-        "Chromium is not installed (.ci/run installs Debian's chromium)", allow_module_level=True
-    )
+    pytest.skip("no Chromium (.ci/run installs Debian's chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
@@ -93,7 +91,8 @@ def test_two_images_two_tasks_render(
         unticked = pg.locator(f'.result[data-image="{image}"] .task[data-task="pg-unticked"]')  # type: ignore[attr-defined]
         assert unticked.count() == 0
     timing = pg.inner_text("#timing")  # type: ignore[attr-defined]
-    assert "Backbone" in timing and "fan-out" in timing
+    assert "Backbone" in timing
+    assert "fan-out" in timing
     assert pg.inner_text("#predict-error") == ""  # type: ignore[attr-defined]
     # The live panel reads /metrics every 2 s: it must show the batch just served.
     pg.wait_for_function(  # type: ignore[attr-defined]
