@@ -257,31 +257,31 @@ class Engine:
     ) -> None:
         """Postprocess one task's outputs (n, C) per row; any failure is a per-task error."""
         tuner = task.tuner
-        head: Answer = {"version": tuner.version, "sha256": tuner.sha256, "kind": tuner.config.task}
-        results: list[Answer]
-        if isinstance(out, BaseException):
-            results = [task_error("task_failed", f"task {tuner.name!r} failed: {out}")] * len(
-                task.rows
-            )
-        else:
-            results = [task_error("task_failed", "")] * len(task.rows)
-            try:
-                by_k: dict[int, list[int]] = {}
-                for j, row in enumerate(task.rows):
-                    by_k.setdefault(items[row].top_k, []).append(j)
-                for top_k, positions in by_k.items():
-                    sel = out[positions] if len(positions) < len(task.rows) else out
-                    for j, body in zip(
-                        positions, postprocess(tuner.config, sel, top_k), strict=True
-                    ):
-                        results[j] = {**head, **body}
-            except Exception as exc:
+        try:
+            if isinstance(out, BaseException):
+                raise out
+            results = _postprocess(tuner, out, [items[row].top_k for row in task.rows])
+        except Exception as exc:
+            if out is not exc:
                 log.exception("postprocessing task %s v%d failed", tuner.name, tuner.version)
-                results = [task_error("task_failed", f"task {tuner.name!r} failed: {exc}")] * len(
-                    task.rows
-                )
+            detail = f"task {tuner.name!r} v{tuner.version} failed: {exc}"
+            results = [task_error("task_failed", detail) for _ in task.rows]
         for row, result in zip(task.rows, results, strict=True):
             answers[row][tuner.name] = result
+
+
+def _postprocess(tuner: LoadedTuner, out: torch.Tensor, top_ks: list[int]) -> list[Answer]:
+    """Answers for outputs (n, C) whose rows asked for ``top_ks`` (usually all equal)."""
+    head: Answer = {"version": tuner.version, "sha256": tuner.sha256, "kind": tuner.config.task}
+    by_k: dict[int, list[int]] = {}
+    for j, top_k in enumerate(top_ks):
+        by_k.setdefault(top_k, []).append(j)
+    results: list[Answer] = [{} for _ in top_ks]
+    for top_k, positions in by_k.items():
+        rows = out if len(positions) == len(top_ks) else out[positions]  # (n_k, C)
+        for j, body in zip(positions, postprocess(tuner.config, rows, top_k), strict=True):
+            results[j] = {**head, **body}
+    return results
 
 
 def _groups(tasks: list[_Task]) -> list[list[_Task]]:
