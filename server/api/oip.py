@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import inspect
 import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
@@ -475,10 +474,5 @@ async def unload_model(task: str, request: Request, service: ServiceDep) -> Resp
     """Evict every loaded version of the task from memory; it stays registered."""
     await _load_parameters(request)
     await service.registry.describe(task)  # 404 for an unknown task
-    unload = getattr(service.registry, "unload", None)
-    if unload is None:  # the engine's registry has no public eviction yet
-        return oip_error("unload is not supported by this server build", 501)
-    done = unload(task)
-    if inspect.isawaitable(done):
-        await done
+    service.registry.unload(task)
     return JSONResponse({})

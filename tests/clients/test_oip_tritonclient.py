@@ -19,7 +19,6 @@ from tritonclient.utils import InferenceServerException
 from clients import Client
 from restuning.backbone import TorchBackbone
 from restuning.preprocess import preprocess
-from server.engine.registry import TunerRegistry
 from tests.fixtures.live_server import LiveServer
 from tests.fixtures.models import tiny_images
 from tests.fixtures.tuners import make_artifact, make_config
@@ -185,11 +184,6 @@ def test_pinned_version_and_classification_extension(
     assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index]
 
 
-@pytest.mark.xfail(
-    not hasattr(TunerRegistry, "unload"),
-    reason="the engine's TunerRegistry has no public unload(name) yet (route answers 501)",
-    strict=True,
-)
 def test_repository_load_unload(triton_client: triton.InferenceServerClient) -> None:
     index = {m["name"]: m for m in triton_client.get_model_repository_index()}
     assert set(TASKS) <= set(index)
