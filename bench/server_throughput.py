@@ -139,18 +139,18 @@ async def generate_load(
 # --- the server side ----------------------------------------------------------------------------
 
 
-def _tuner_artifact(name: str, fingerprint: str, seed: int) -> bytes:
+def _tuner_artifact(arch: str, name: str, fingerprint: str, seed: int) -> bytes:
     from restuning.presets import get_preset
     from tuners_store.artifact import pack_artifact, random_arrays
     from tuners_store.config import BackboneRef, BypassConfig, TunerConfig
 
-    vit = get_preset(ARCH).vit
+    vit = get_preset(arch).vit
     config = TunerConfig(
         name=name,
         task="classification",
         labels=tuple(f"class{i}" for i in range(CLASSES)),
         backbone=BackboneRef(
-            arch=ARCH, fingerprint=fingerprint, dim=vit.embed_dim, depth=vit.depth
+            arch=arch, fingerprint=fingerprint, dim=vit.embed_dim, depth=vit.depth
         ),
         bypass=BypassConfig(layers=(1, vit.depth), bottleneck=BOTTLENECK),
         pooling="cls",
@@ -199,14 +199,14 @@ def _engine_batch() -> tuple[int, Any]:
     return int(engine_throughput.BATCH), engine_throughput
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, arch: str = ARCH) -> dict[str, Any]:
     """Start the server, load it at K = 1, 4, 16 tasks per image, then run the engine bench."""
     from tests.fixtures.live_server import LiveServer
 
     rounds = 2 if quick else 8
     batch, engine_bench = _engine_batch()
     env = {
-        "RESTUNE_BACKBONE": ARCH,
+        "RESTUNE_BACKBONE": arch,
         "RESTUNE_BACKBONE_WEIGHTS": "random:0",
         "RESTUNE_MAX_BATCH_IMAGES": str(batch),
         "RESTUNE_MAX_WAIT_MS": "5",
@@ -228,7 +228,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 fingerprint = client.get("/readyz").json()["backbone"]["fingerprint"]
                 names = [f"task{i:02d}" for i in range(max(TASKS))]
                 for i, name in enumerate(names):
-                    resp = server.register(name, _tuner_artifact(name, fingerprint, seed=i))
+                    resp = server.register(name, _tuner_artifact(arch, name, fingerprint, seed=i))
                     resp.raise_for_status()
                 for k in TASKS:
                     before = _metric_totals(client.get("/metrics").text)
@@ -246,7 +246,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             server.stop()
     engine: dict[str, Any] | None = None
     if engine_bench is not None:
-        engine = engine_bench.run(quick=quick, arch=ARCH)
+        engine = engine_bench.run(quick=quick, arch=arch)
         by_k = {r["tasks_per_image"]: r for r in engine["rows"]}
         for row in rows:
             alone = by_k.get(row["tasks_per_image"])
@@ -257,7 +257,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     return {
         "bench": "server_throughput",
-        "arch": ARCH,
+        "arch": arch,
         "weights": "random:0",
         "batch": batch,
         "images_per_request": IMAGES_PER_REQUEST,
