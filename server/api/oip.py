@@ -37,6 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from server.api.deps import ServiceDep, SettingsDep
 from server.api.oip_codec import (
@@ -61,6 +62,27 @@ EXTENSIONS = ["model_repository", "binary_tensor_data", "classification"]
 PLATFORM = "restune_bypass"
 
 LABEL_KINDS = ("classification", "multilabel")
+
+
+class OipError(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+_STATUS_TEXT = {
+    400: "Malformed request (protocol, tensors)",
+    404: "Unknown task or version",
+    422: "An image could not be decoded",
+    500: "Internal error",
+    503: "Not ready, overloaded or the store is unavailable (Retry-After)",
+    504: "Deadline exceeded",
+}
+
+
+def oip_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting OIP error bodies for ``statuses``."""
+    return {s: {"model": OipError, "description": _STATUS_TEXT[s]} for s in statuses}
 
 
 def oip_error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -180,7 +202,7 @@ async def server_live() -> dict[str, Any]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server readiness")
+@router.get("/health/ready", summary="Server readiness", responses=oip_errors(503))
 async def server_ready(service: ServiceDep) -> Response:
     """200 when the backbone is loaded and the store reachable, else 503."""
     report = await service.ready()
@@ -211,13 +233,17 @@ async def _metadata(service: InferenceService, task: str, version: str | None) -
     }
 
 
-@router.get("/models/{task}", summary="Model metadata")
+@router.get("/models/{task}", summary="Model metadata", responses=oip_errors(404, 503))
 async def model_metadata(task: str, service: ServiceDep) -> dict[str, Any]:
     """Inputs, outputs and versions of a task."""
     return await _metadata(service, task, None)
 
 
-@router.get("/models/{task}/versions/{version}", summary="Model version metadata")
+@router.get(
+    "/models/{task}/versions/{version}",
+    summary="Model version metadata",
+    responses=oip_errors(400, 404, 503),
+)
 async def model_version_metadata(task: str, version: str, service: ServiceDep) -> dict[str, Any]:
     """Inputs, outputs and versions of a pinned task version."""
     return await _metadata(service, task, version)
@@ -236,13 +262,17 @@ async def _ready(service: InferenceService, task: str, version: str | None) -> R
     return JSONResponse({"name": task, "version": str(number), "ready": True})
 
 
-@router.get("/models/{task}/ready", summary="Model readiness")
+@router.get("/models/{task}/ready", summary="Model readiness", responses=oip_errors(404, 503))
 async def model_ready(task: str, service: ServiceDep) -> Response:
     """200 when the task's current version is loaded in memory."""
     return await _ready(service, task, None)
 
 
-@router.get("/models/{task}/versions/{version}/ready", summary="Model version readiness")
+@router.get(
+    "/models/{task}/versions/{version}/ready",
+    summary="Model version readiness",
+    responses=oip_errors(400, 404, 503),
+)
 async def model_version_ready(task: str, version: str, service: ServiceDep) -> Response:
     """200 when that version is loaded in memory."""
     return await _ready(service, task, version)
@@ -392,7 +422,11 @@ async def _infer(
     return Response(content=content, headers=headers)
 
 
-@router.post("/models/{task}/infer", summary="Inference")
+@router.post(
+    "/models/{task}/infer",
+    summary="Inference",
+    responses=oip_errors(400, 404, 422, 500, 503, 504),
+)
 async def infer(
     task: str, request: Request, service: ServiceDep, settings: SettingsDep
 ) -> Response:
@@ -400,7 +434,11 @@ async def infer(
     return await _infer(request, service, settings.max_top_k, task, None)
 
 
-@router.post("/models/{task}/versions/{version}/infer", summary="Inference on a version")
+@router.post(
+    "/models/{task}/versions/{version}/infer",
+    summary="Inference on a version",
+    responses=oip_errors(400, 404, 422, 500, 503, 504),
+)
 async def infer_version(
     task: str, version: str, request: Request, service: ServiceDep, settings: SettingsDep
 ) -> Response:
@@ -433,7 +471,7 @@ async def repository_index_get(service: ServiceDep) -> list[dict[str, Any]]:
     return await _index(service, False)
 
 
-@router.post("/repository/index", summary="Model repository index")
+@router.post("/repository/index", summary="Model repository index", responses=oip_errors(400))
 async def repository_index(request: Request, service: ServiceDep) -> list[dict[str, Any]]:
     """Like the GET; ``{"ready": true}`` lists loaded tasks only."""
     raw = await request.body()
@@ -459,7 +497,11 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-@router.post("/repository/models/{task}/load", summary="Load a model")
+@router.post(
+    "/repository/models/{task}/load",
+    summary="Load a model",
+    responses=oip_errors(400, 404, 500, 503),
+)
 async def load_model(task: str, request: Request, service: ServiceDep) -> Response:
     """Make the task's current version resident in memory."""
     params = await _load_parameters(request)
@@ -469,7 +511,11 @@ async def load_model(task: str, request: Request, service: ServiceDep) -> Respon
     return JSONResponse({})
 
 
-@router.post("/repository/models/{task}/unload", summary="Unload a model")
+@router.post(
+    "/repository/models/{task}/unload",
+    summary="Unload a model",
+    responses=oip_errors(400, 404, 503),
+)
 async def unload_model(task: str, request: Request, service: ServiceDep) -> Response:
     """Evict every loaded version of the task from memory; it stays registered."""
     await _load_parameters(request)
