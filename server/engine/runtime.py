@@ -16,6 +16,7 @@ from torch import nn
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.features import Features, FeatureSpec
 from restuning.presets import DataConfig
+from server.engine.staging import HostStaging
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class TorchRuntime:
 
     def __init__(self, backbone: TorchBackbone) -> None:
         self.torch_backbone = backbone
+        self._staging = HostStaging(backbone.device)  # pinned, non-blocking copies on CUDA
 
     @property
     def arch(self) -> str:
@@ -136,7 +138,7 @@ class TorchRuntime:
         return [f"torch-{self.torch_backbone.device.type}"]
 
     def forward_features(self, images: torch.Tensor, spec: FeatureSpec) -> Features:
-        return self.torch_backbone.forward_features(images, spec)
+        return self.torch_backbone.forward_features(self._staging.to_device(images), spec)
 
 
 def compute_dtype(settings: Settings) -> torch.dtype:
@@ -168,15 +170,17 @@ def load_backbone_runtime(settings: Settings) -> Backbone:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     arch, weights = resolve_weights(settings)
-    if settings.runtime != "torch":
-        raise ValueError(
-            f"runtime {settings.runtime!r} is not available in this build; "
-            "use RESTUNE_RUNTIME=torch"
+    backbone: Backbone
+    if settings.runtime == "onnxruntime":
+        # Imported here: onnxruntime loads only for deployments that use it.
+        from server.engine.runtime_onnx import load_onnx_backbone
+
+        backbone = load_onnx_backbone(settings, arch, weights)
+    else:
+        torch_backbone = load_backbone(
+            arch, weights, device=settings.device, dtype=compute_dtype(settings)
         )
-    torch_backbone = load_backbone(
-        arch, weights, device=settings.device, dtype=compute_dtype(settings)
-    )
-    backbone = TorchRuntime(torch_backbone)
+        backbone = TorchRuntime(torch_backbone)
     if backbone.is_random:
         log.warning(
             "*** backbone %s runs with RANDOM weights (%s): every prediction is meaningless. "
