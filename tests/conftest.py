@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.tuners",
     "tests.fixtures.live_server",
+    "tests.fixtures.onnx_exports",
 ]
