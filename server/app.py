@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
@@ -18,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from server.api import health, predict, tuners
+from server.api.schemas import document_problems
 from server.engine.service import InferenceService
 from server.metrics import Metrics
 from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFor
@@ -96,7 +98,19 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     # Added last = outermost: the request id and metrics see every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    _document_problems(app)
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Post-process the generated OpenAPI once so it documents problem+json errors."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _mount_playground(app: FastAPI) -> None:

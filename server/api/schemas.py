@@ -46,15 +46,49 @@ _STATUS_TEXT = {
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries documenting problem+json errors for ``statuses``."""
-    schema = {"$ref": "#/components/schemas/Problem"}
+    schema = {"$ref": PROBLEM_REF}
     return {
         status: {
-            "model": Problem,
             "description": _STATUS_TEXT.get(status, "Error"),
             "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
         }
         for status in statuses
     }
+
+
+PROBLEM_REF = "#/components/schemas/Problem"
+_FASTAPI_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+
+
+def document_problems(spec: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI document say what the app sends: every error is problem+json.
+
+    Adds the Problem schema and, on operations that document problem+json errors, turns
+    FastAPI's default 422 (``HTTPValidationError``, which they never send: validation errors
+    are problems too) into a Problem response. Routes with an error shape of their own (the
+    Open Inference Protocol's) are left as they are.
+    """
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if not any(PROBLEM_MEDIA_TYPE in r.get("content", {}) for r in responses.values()):
+                continue
+            for status, response in responses.items():
+                content = response.get("content", {})
+                plain = content.get("application/json", {}).get("schema", {})
+                if plain.get("$ref") == _FASTAPI_VALIDATION_REF:
+                    del content["application/json"]
+                    content[PROBLEM_MEDIA_TYPE] = {"schema": {"$ref": PROBLEM_REF}}
+                    response["description"] = _STATUS_TEXT.get(int(status), "Error")
+    # Drop FastAPI's validation schemas when nothing refers to them any more (in this order:
+    # the first refers to the second).
+    for name in ("HTTPValidationError", "ValidationError"):
+        own = schemas.pop(name, None)
+        if own is not None and f"#/components/schemas/{name}'" in str(spec):
+            schemas[name] = own
+    return spec
 
 
 # --- predict ------------------------------------------------------------------------------

@@ -526,7 +526,9 @@ def test_openapi_documents_routes_and_problems(app_client: TestClient) -> None:
     predict = paths["/v1/predict"]["post"]
     assert {"multipart/form-data", "application/json"} <= set(predict["requestBody"]["content"])
     for status in ("404", "413", "422"):
-        assert "application/problem+json" in predict["responses"][status]["content"]
+        assert set(predict["responses"][status]["content"]) == {"application/problem+json"}
+    describe_422 = paths["/v1/tuners/{name}"]["get"]["responses"]["422"]["content"]
+    assert set(describe_422) == {"application/problem+json"}
     put = paths["/v1/tuners/{name}"]["put"]
     assert {"201", "200", "401", "403", "409", "413"} <= set(put["responses"])
     assert "Problem" in spec["components"]["schemas"]
