@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,9 @@ from server.engine.service import TaskRef
 from server.errors import ApiError
 
 router = APIRouter(tags=["predict"])
+
+INLINE_JSON_BYTES = 256 * 1024
+"""JSON bodies up to this size are parsed on the event loop; larger ones in a thread."""
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -72,7 +76,12 @@ async def predict(request: Request, service: ServiceDep, settings: SettingsDep) 
     if media_type == "multipart/form-data":
         parsed = await read_multipart(request.stream(), content_type, limits)
     elif media_type == "application/json":
-        parsed = read_json(await request.body(), limits)
+        body = await request.body()
+        # Parsing megabytes of JSON and base64 takes tens of ms: keep it off the event loop.
+        if len(body) > INLINE_JSON_BYTES:
+            parsed = await asyncio.to_thread(read_json, body, limits)
+        else:
+            parsed = read_json(body, limits)
     else:
         raise ApiError(
             "unsupported_media_type",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import math
 import warnings
@@ -20,7 +21,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
+import numpy as np
+from PIL import Image
+
 from restuning.backbone import TorchBackbone
+from server.api.predict import INLINE_JSON_BYTES
 from server.api.schemas import PredictResponse, Problem, TunerDetail, TunerList
 from server.app import create_app
 from server.settings import Settings
@@ -160,6 +165,27 @@ def test_json_predict_equals_multipart(app_client: TestClient, registered: dict[
     )
     assert via_form.status_code == via_json.status_code == 200, via_json.text
     assert via_form.json()["results"] == via_json.json()["results"]
+
+
+def noise_png(seed: int, side: int = 140) -> bytes:
+    """A PNG that barely compresses (~60 KB at 140 px): for bodies of a few hundred KB."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_large_json_body_equals_multipart(
+    app_client: TestClient, registered: dict[str, int]
+) -> None:
+    images = [noise_png(i) for i in range(MAX_IMAGES)]
+    assert all(len(b) <= MAX_IMAGE_BYTES for b in images)
+    body = {"images": [{"b64": base64.b64encode(b).decode()} for b in images], "tasks": ["age"]}
+    assert len(json.dumps(body)) > INLINE_JSON_BYTES  # parsed off the event loop
+    via_json = app_client.post("/v1/predict", json=body)
+    via_form = app_client.post("/v1/predict", **multipart(images, tasks="age"))
+    assert via_json.status_code == 200, via_json.text
+    assert via_json.json()["results"] == via_form.json()["results"]
 
 
 def test_repeated_task_fields_and_data_url(
