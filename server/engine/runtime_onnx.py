@@ -251,6 +251,11 @@ class OnnxBackbone:
         return self._depth
 
     @property
+    def open_sessions(self) -> tuple[TokenSelection, ...]:
+        """Token selections whose session exists (the others open on first use)."""
+        return tuple(self._sessions)
+
+    @property
     def providers(self) -> list[str]:
         """Execution providers the sessions really use, best first."""
         return list(self._providers)
