@@ -20,6 +20,8 @@ VERIFY_TOLERANCE = 1e-3
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add every ``restuning`` subcommand."""
     register_import_backbone(subparsers)
+    register_train(subparsers)
+    register_export_onnx(subparsers)
 
 
 def register_import_backbone(
@@ -95,4 +97,243 @@ def import_backbone_command(args: argparse.Namespace) -> int:
         print(f"verification failed; removed {out}", file=sys.stderr)
         return 1
     print(f"fingerprint {backbone.fingerprint}")
+    return 0
+
+
+def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``restune train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a task tuner on cached backbone features and write its artifact",
+        description=(
+            "Train a Res-Tuning bypass + head on a frozen backbone. Each image goes through the "
+            "backbone once; its features are cached (by backbone fingerprint, preprocessing, "
+            "image sha256 and layers), so training and later runs cost little. Data: a folder "
+            "with one sub-folder per class, a CSV manifest (path,label | path,l1;l2 | "
+            "path,out1,... with a header), or demo:NAME (digits, parity, digit-props, faces, "
+            "textures)."
+        ),
+    )
+    parser.add_argument("--data", required=True, help="DIR, FILE.csv or demo:NAME")
+    parser.add_argument("--name", required=True, help="tuner name (what clients ask for)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact to write (.safetensors)")
+    parser.add_argument(
+        "--task",
+        choices=["classification", "multilabel", "regression", "embedding"],
+        default="classification",
+    )
+    parser.add_argument("--backbone", default=None, help="preset (default: the embedded one)")
+    parser.add_argument(
+        "--weights", default=None, help="backbone weights file or random:SEED (needs --backbone)"
+    )
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--patience", type=int, default=None, help="early stopping, in epochs")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--layers", default=None, help="first-last block, 1-based (default: all)")
+    parser.add_argument("--bottleneck", type=int, default=32)
+    parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+    parser.add_argument(
+        "--tuner", choices=["res_adapter", "res_prefix", "res_prompt"], default="res_adapter"
+    )
+    parser.add_argument("--embedding-dim", type=int, default=64, help="for --task embedding")
+    parser.add_argument("--description", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random resized crop + flip; training features are recomputed every epoch",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="feature cache (default $RESTUNE_HOME/features)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--push", metavar="URL", default=None, help="register it on this server")
+    parser.add_argument("--token", default=None, help="admin token (default $RESTUNE_ADMIN_TOKEN)")
+    parser.set_defaults(func=train_command)
+
+
+def _parse_layers(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    first, sep, last = text.partition("-")
+    if not sep:
+        first = last = text
+    if not (first.strip().isdigit() and last.strip().isdigit()):
+        raise ValueError(f"--layers must be FIRST-LAST (1-based), got {text!r}")
+    return int(first), int(last)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Handler of ``restune train``."""
+    import os
+
+    import torch
+
+    from restuning.artifact_io import save_task
+    from restuning.backbone import BackboneLoadError, load_backbone
+    from restuning.embedded import default_backbone, restune_home
+    from restuning.train import DataError, TaskOptions, TrainOptions, load_data, train_task
+    from restuning.train.augment import AugmentOptions
+    from tuners_store.config import NAME_PATTERN, NAME_RE
+
+    out: Path = args.out
+    if out.suffix != ".safetensors":
+        print(f"--out must end in .safetensors, got {out}", file=sys.stderr)
+        return 2
+    if not NAME_RE.match(args.name):
+        print(f"--name must match {NAME_PATTERN}, got {args.name!r}", file=sys.stderr)
+        return 2
+    if args.weights and not args.backbone:
+        print("--weights needs --backbone (the preset the weights belong to)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        layers = _parse_layers(args.layers)
+        task = TaskOptions(
+            tuner=args.tuner,
+            layers=layers,
+            bottleneck=args.bottleneck,
+            pooling=args.pooling,
+            embedding_dim=args.embedding_dim,
+            description=args.description,
+        )
+        options = TrainOptions(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            patience=args.patience,
+        )
+        arch, weights = (args.backbone, args.weights) if args.weights else default_backbone()
+        if args.backbone and args.backbone != arch:
+            raise ValueError(
+                f"--backbone {args.backbone} has no --weights; the default backbone is {arch}"
+            )
+        backbone = load_backbone(arch, weights)
+        data = load_data(args.data, args.task)
+        started = time.perf_counter()
+        trained = train_task(
+            data,
+            args.name,
+            backbone,
+            task=task,
+            options=options,
+            cache_dir=args.cache_dir or restune_home() / "features",
+            augment=AugmentOptions() if args.augment else None,
+            val_fraction=args.val_fraction,
+            progress=not args.quiet,
+        )
+    except (DataError, BackboneLoadError, ValueError) as err:
+        print(f"restune train: {err}", file=sys.stderr)
+        return 2
+    artifact = save_task(trained.module)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(artifact)
+    os.replace(tmp, out)
+    s = trained.summary
+    score = f"{s.val_metric} {s.val_score:.4f}" if s.val_score is not None else "no validation"
+    print(
+        f"{args.name}: {score}, {s.epochs} epochs, {s.train_size} train / {s.val_size} val "
+        f"images, {time.perf_counter() - started:.1f} s -> {out} ({len(artifact)} bytes, "
+        f"backbone {backbone.arch} {backbone.fingerprint})"
+    )
+    if args.push:
+        from clients import Client
+
+        token = args.token or os.environ.get("RESTUNE_ADMIN_TOKEN") or None
+        with Client(args.push, admin_token=token) as client:
+            result = client.push_tuner(args.name, artifact)
+        state = "registered" if result.created else "unchanged (identical bytes)"
+        print(f"pushed {result.name} v{result.version} to {args.push}: {state}")
+    return 0
+
+
+def register_export_onnx(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add ``restune export-onnx``."""
+    parser = subparsers.add_parser(
+        "export-onnx",
+        help="export a backbone's intermediate features to ONNX (optionally int8)",
+        description=(
+            "Write the backbone as an ONNX graph whose outputs x0..xL are the features the "
+            "bypass tuners read (batch axis dynamic). Fingerprint, tokens and layers are stored "
+            "in the model's metadata. The server exports and caches these itself with "
+            "RESTUNE_RUNTIME=onnxruntime; this command is for inspection and other runtimes."
+        ),
+    )
+    parser.add_argument("--backbone", default=None, help="preset (default: the embedded one)")
+    parser.add_argument(
+        "--weights", default=None, help="weights file or random:SEED (default: embedded)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--tokens",
+        choices=["cls", "all"],
+        default="cls",
+        help="CLS rows only (tasks pooled on CLS) or all tokens (mean pooling)",
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="dynamically quantize MatMul weights to int8 (CPU)"
+    )
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    parser.set_defaults(func=export_onnx_command)
+
+
+def export_onnx_command(args: argparse.Namespace) -> int:
+    """Handler of ``restune export-onnx``."""
+    import tempfile
+
+    from restuning.backbone import BackboneLoadError, load_backbone
+    from restuning.onnx_export import DEFAULT_OPSET, export_backbone_onnx
+    from restuning.onnx_quant import quantize_backbone_onnx
+
+    out: Path = args.out
+    if out.suffix != ".onnx":
+        print(f"--out must end in .onnx, got {out}", file=sys.stderr)
+        return 2
+    if args.weights is None:
+        from restuning.embedded import EmbeddedBackboneError, default_backbone
+
+        try:
+            arch, weights = default_backbone()
+        except EmbeddedBackboneError as err:
+            print(f"restune export-onnx: {err}", file=sys.stderr)
+            return 1
+        if args.backbone not in (None, arch):
+            print(f"--backbone {args.backbone} needs --weights", file=sys.stderr)
+            return 2
+    else:
+        if args.backbone is None:
+            print("--weights needs --backbone", file=sys.stderr)
+            return 2
+        arch, weights = args.backbone, args.weights
+    try:
+        backbone = load_backbone(arch, weights)
+    except BackboneLoadError as err:
+        print(f"restune export-onnx: {err}", file=sys.stderr)
+        return 1
+    opset = args.opset or DEFAULT_OPSET
+    if not args.int8:
+        done = export_backbone_onnx(backbone, out, tokens=args.tokens, opset=opset)
+    else:
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+            done = export_backbone_onnx(
+                backbone, Path(tmp) / "fp32.onnx", tokens=args.tokens, opset=opset
+            )
+            quantize_backbone_onnx(done.path, out)
+    print(
+        f"exported {arch} ({args.tokens} tokens, layers {done.layers[0]}..{done.layers[-1]}"
+        f"{', int8' if args.int8 else ''}) -> {out} with the {done.exporter} exporter "
+        f"({out.stat().st_size / 1e6:.1f} MB, {done.seconds:.1f} s); "
+        f"fingerprint {backbone.fingerprint}"
+    )
     return 0

@@ -1,0 +1,242 @@
+"""The optimisation loop: a task module (bypass + head) trained on backbone features.
+
+AdamW, a linear warm-up then a cosine decay per step, mini-batches shuffled by a seeded
+generator (same seed, same data -> same weights). After each epoch the validation metric is
+computed; the best epoch's weights are kept, and with ``patience`` training stops once the
+metric has not improved for that many epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from restuning.features import Features, FeatureSpec
+from restuning.train.progress import Reporter
+from restuning.tuners import TaskModule
+
+EpochFeatures = Callable[[int], Tensor]
+"""``epoch (0-based) -> (L', n, N', D)`` training features; constant unless augmenting."""
+
+SMALL_STEP_ELEMENTS = 1 << 20
+"""Steps whose feature batch per layer (B x N' x D) is below this run on one intra-op thread.
+
+Such steps (every CLS-pooled task: 64 x 1 x 384) are microseconds of work per op; waking a
+second OpenMP thread for each op cost more than it saved, and on a loaded 2-core machine
+made a training run 12x slower (the training test module: 215 s -> 18 s).
+"""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to optimise (not what the tuner looks like: see ``api.TaskOptions``)."""
+
+    epochs: int = 30
+    """Passes over the training images."""
+    batch_size: int = 64
+    """Images per optimisation step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1e-4
+    """AdamW's decoupled weight decay."""
+    warmup_fraction: float = 0.05
+    """Share of all steps spent warming the learning rate up linearly from 0."""
+    seed: int = 0
+    """Seeds the tuner init, the shuffling, the split and the augmentation."""
+    patience: int | None = None
+    """Stop after this many epochs without a better validation metric (None: never)."""
+    eval_batch_size: int = 512
+    """Rows per forward when computing validation outputs."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs and batch sizes must be at least 1")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("lr must be positive and weight_decay non-negative")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError("warmup_fraction must lie in [0, 1)")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError("patience must be at least 1")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is minimised and what is reported."""
+
+    loss: Callable[[Tensor, Tensor], Tensor]
+    """``(outputs (B, C), targets) -> scalar``."""
+    metrics: Callable[[Tensor, Tensor], dict[str, float]]
+    """``(outputs (n, C), targets) -> {name: value}`` on the validation set."""
+    primary: str
+    """The metric (higher is better) that picks the best epoch."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What happened during :func:`fit`."""
+
+    epochs_run: int
+    best_epoch: int
+    """1-based epoch whose weights were kept (the last one without validation data)."""
+    train_loss: float
+    """Mean training loss of the last epoch run."""
+    val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics of the kept weights (empty without validation data)."""
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def predict(module: TaskModule, spec: FeatureSpec, data: Tensor, batch_size: int) -> Tensor:
+    """Raw outputs (n, C) of ``module`` for features ``data`` (L', n, N', D)."""
+    was_training = module.training
+    module.eval()
+    outputs = [
+        module(Features(spec, data[:, start : start + batch_size]))
+        for start in range(0, data.shape[1], batch_size)
+    ]
+    module.train(was_training)
+    return torch.cat(outputs)
+
+
+@contextmanager
+def step_threads(elements_per_layer: int) -> Iterator[None]:
+    """One intra-op thread for small steps, restored afterwards.
+
+    The setting is per calling thread (OpenMP and MKL keep it thread-locally), so a training
+    thread inside a server does not change the threads its request path uses.
+    """
+    if elements_per_layer >= SMALL_STEP_ELEMENTS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _epoch(
+    module: TaskModule,
+    data: Tensor,  # (L', n, N', D)
+    targets: Tensor,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    order: Tensor,  # (n,) shuffled row indices
+    batch_size: int,
+    reporter: Reporter,
+) -> float:
+    """One pass over ``data`` in mini-batches; returns the mean training loss."""
+    spec = module.feature_spec
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        reporter.check()
+        idx = order[start : start + batch_size]
+        outputs = module(Features(spec, data[:, idx]))  # (B, C)
+        loss = objective.loss(outputs, targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        optimizer.step()
+        schedule.step()
+        loss_sum += float(loss.detach()) * len(idx)
+    return loss_sum / len(order)
+
+
+def fit(
+    module: TaskModule,
+    train_features: EpochFeatures,
+    train_targets: Tensor,
+    val_features: Tensor | None,
+    val_targets: Tensor | None,
+    objective: Objective,
+    options: TrainOptions,
+    reporter: Reporter | None = None,
+) -> FitResult:
+    """Train ``module``'s parameters in place; returns with the best epoch's weights loaded."""
+    reporter = reporter or Reporter(False)
+    started = time.perf_counter()
+    spec = module.feature_spec
+    n = int(train_targets.shape[0])
+    if n == 0:
+        raise ValueError("no training images")
+    has_val = val_features is not None and val_targets is not None and len(val_targets) > 0
+    steps_per_epoch = math.ceil(n / options.batch_size)
+    total = steps_per_epoch * options.epochs
+    warmup = int(total * options.warmup_fraction)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup)
+    )
+    shuffle = torch.Generator().manual_seed(options.seed)
+    best_score = -math.inf
+    best_state: dict[str, Tensor] | None = None
+    best_epoch = 0
+    best_val: dict[str, float] = {}
+    epoch_loss = math.nan
+    stopped_early = False
+    epoch = 0
+    module.train()
+    with reporter.bar(options.epochs, f"train {module.config.name}", unit="epoch") as bar:
+        for epoch in range(1, options.epochs + 1):
+            data = train_features(epoch - 1)  # (L', n, N', D)
+            with step_threads(min(n, options.batch_size) * data.shape[2] * data.shape[3]):
+                epoch_loss = _epoch(
+                    module,
+                    data,
+                    train_targets,
+                    objective,
+                    optimizer,
+                    schedule,
+                    torch.randperm(n, generator=shuffle),
+                    options.batch_size,
+                    reporter,
+                )
+                val = (
+                    objective.metrics(
+                        predict(module, spec, val_features, options.eval_batch_size), val_targets
+                    )
+                    if val_features is not None and val_targets is not None and has_val
+                    else None
+                )
+            if val is None:
+                best_epoch = epoch
+                bar.set_postfix(loss=f"{epoch_loss:.4f}")
+                bar.update()
+                continue
+            score = val[objective.primary]
+            if score > best_score:
+                best_score, best_epoch, best_val = score, epoch, val
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            bar.set_postfix(loss=f"{epoch_loss:.4f}", **{objective.primary: f"{score:.4f}"})
+            bar.update()
+            if options.patience is not None and epoch - best_epoch >= options.patience:
+                stopped_early = epoch < options.epochs
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return FitResult(
+        epochs_run=epoch,
+        best_epoch=best_epoch,
+        train_loss=epoch_loss,
+        val=best_val,
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - started,
+    )
