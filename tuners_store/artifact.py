@@ -282,7 +282,8 @@ def read_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> 
         header = json.loads(
             data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates
         )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # RecursionError: a header of "[[[[..." nests deeper than the parser recurses.
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail("artifact_bad_header", f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise _fail("artifact_bad_header", "header must be a JSON object")

@@ -479,7 +479,7 @@ async def repository_index(request: Request, service: ServiceDep) -> list[dict[s
     if raw.strip():
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise OipCodecError(f"request JSON is invalid: {exc}") from None
         ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
     return await _index(service, ready_only)
@@ -491,7 +491,7 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
         raise OipCodecError(f"request JSON is invalid: {exc}") from None
     params = doc.get("parameters") if isinstance(doc, dict) else None
     return params if isinstance(params, dict) else {}

@@ -266,7 +266,8 @@ def decode_request(body: bytes, header_length: str | int | None) -> InferRequest
         head, tail = body[:n], body[n:]
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+    # RecursionError: a few hundred kB of "[[[[..." nest deeper than the parser recurses.
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise OipCodecError(f"request JSON is invalid: {exc}") from None
     if not isinstance(doc, dict):
         raise OipCodecError("request must be a JSON object")

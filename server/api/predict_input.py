@@ -241,7 +241,8 @@ def read_json(body: bytes, limits: PredictLimits) -> PredictInput:
     """Parse and check a JSON predict body."""
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # RecursionError: a few hundred kB of "[[[[..." nest deeper than the parser recurses.
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise field_error("body", f"body is not valid JSON: {exc}", "json_invalid") from exc
     # Count before validating so a huge list is refused by its length, not item by item.
     images = raw.get("images") if isinstance(raw, dict) else None
