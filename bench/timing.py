@@ -1,0 +1,68 @@
+"""Wall-clock timing for the suite's own sections: medians, percentiles, interleaved rounds.
+
+On a shared CPU box timings swing by tens of percent between minutes, so sections compare
+things measured next to each other: :func:`interleaved` runs every candidate once per round,
+round after round, and ratios are taken within a round before the median over rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+PERCENTILES = (50, 95, 99)
+
+
+def once_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn`` in milliseconds."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, in ms."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(once_ms(fn) for _ in range(max(1, repeats)))
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``, linear between closest ranks."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary_ms(samples: Sequence[float]) -> dict[str, float | int]:
+    """``n``, ``mean`` and the p50/p95/p99 of latency samples in ms, rounded for JSON."""
+    out: dict[str, float | int] = {"n": len(samples)}
+    out["mean_ms"] = round(statistics.fmean(samples), 3) if samples else float("nan")
+    for q in PERCENTILES:
+        out[f"p{q}_ms"] = round(percentile(samples, q), 3)
+    return out
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], object]], *, rounds: int, repeats: int = 1
+) -> dict[str, list[float]]:
+    """Per-round times (ms) of every candidate, measured in turn within each round.
+
+    Each round times each candidate once (the median of ``repeats`` calls): drift of the
+    machine's speed then hits every candidate of a round alike. No warm-up here.
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(statistics.median(once_ms(fn) for _ in range(max(1, repeats))))
+    return times
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Median over rounds of ``numerators[i] / denominators[i]`` (same-round ratios)."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
