@@ -48,6 +48,7 @@ from tuners_store import (
 )
 from tuners_store.artifact import ArtifactError, read_header, validate_artifact
 from tuners_store.config import TunerConfig, parameter_count
+from tuners_store.names import validate_qualified_name
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +366,13 @@ class TunerRegistry:
         Returns (version info, created); ``created`` is False when identical bytes already
         were a version of ``name`` (that version is current again).
         """
+        # The name first: a bad one ("..", "A", 65 characters) is the caller's real mistake,
+        # and a valid artifact would otherwise be answered "upload it under its own name".
+        try:
+            validate_qualified_name(name)
+        except InvalidName as exc:
+            self._count_registration(exc.code)
+            raise ApiError(exc.code, exc.message, task=name) from exc
         try:
             header = await asyncio.to_thread(
                 validate_artifact,
