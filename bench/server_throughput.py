@@ -9,8 +9,10 @@ K = 1, 4, 16 CLS-pooled res_adapter tasks (r = 32, all 12 layers, 100 classes: t
 
 - ``images_per_s``, ``requests_per_s``, ``answers_per_s`` (= images/s x K) at the client;
 - request latency ``p50_ms`` / ``p95_ms`` / ``p99_ms`` (upload, decode, queue, batch, JSON);
-- from the server's /metrics over the run: mean batch size, backbone forward and fan-out
-  seconds per batch, queue wait, tasks per forward;
+- from the server's /metrics over exactly the measured window: mean batch size, backbone
+  forward and fan-out ms per batch, queue wait, tasks per forward, and ``engine_busy``, the
+  fraction of the window the engine computed (1 - engine_busy bounds what HTTP, decoding and
+  batching cost; unlike a comparison with a separate run it holds on a busy machine);
 - ``engine_images_per_s``: ``bench.engine_throughput`` (the engine alone, no HTTP, same batch
   size) measured in the same run after the server stopped, and ``http_efficiency``, the
   fraction of the engine's rate that survives HTTP, decoding and batching.
@@ -113,14 +115,17 @@ async def generate_load(
                 code = f"{resp.status_code} {resp.json().get('code', '')}"
                 errors[code] = errors.get(code, 0) + 1
 
-    limits = httpx.Limits(max_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
         workers = [asyncio.create_task(worker(i, client)) for i in range(concurrency)]
         await warmed.wait()
+        # The server's own view of exactly the measured window.
+        before = metric_totals((await client.get("/metrics")).text)
         start = loop.time()
         go.set()
         await asyncio.gather(*workers)
         elapsed = loop.time() - start
+        after = metric_totals((await client.get("/metrics")).text)
     lat = np.array(latencies) if latencies else np.array([float("nan")])
     images = len(latencies) * per_request
     return {
@@ -133,6 +138,50 @@ async def generate_load(
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "errors": errors,
+        "server": server_means(before, after, elapsed),
+    }
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """Sums and counts of the histograms the report uses, from Prometheus text."""
+    wanted = (
+        "restune_batch_size_images",
+        "restune_backbone_forward_seconds",
+        "restune_fanout_seconds",
+        "restune_queue_wait_seconds",
+        "restune_tasks_per_forward",
+    )
+    out: dict[str, float] = {}
+    for name in wanted:
+        for part in ("sum", "count"):
+            found = re.search(rf"^{name}_{part} (\S+)$", text, re.MULTILINE)
+            out[f"{name}_{part}"] = float(found.group(1)) if found else 0.0
+    return out
+
+
+def server_means(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Per-batch means over a window, and ``engine_busy``: the fraction of the window the
+    engine spent in backbone forwards and fan-out (what is left went to HTTP, decoding,
+    batching, or nothing)."""
+
+    def delta(key: str) -> float:
+        return after[key] - before[key]
+
+    def mean(name: str, scale: float = 1.0) -> float:
+        count = delta(f"{name}_count")
+        return round(delta(f"{name}_sum") / count * scale, 2) if count else float("nan")
+
+    busy = delta("restune_backbone_forward_seconds_sum") + delta("restune_fanout_seconds_sum")
+    return {
+        "batches": int(delta("restune_batch_size_images_count")),
+        "mean_batch_images": mean("restune_batch_size_images"),
+        "backbone_ms_per_batch": mean("restune_backbone_forward_seconds", 1000.0),
+        "fanout_ms_per_batch": mean("restune_fanout_seconds", 1000.0),
+        "queue_wait_ms": mean("restune_queue_wait_seconds", 1000.0),
+        "tasks_per_forward": mean("restune_tasks_per_forward"),
+        "engine_busy": round(busy / seconds, 3) if seconds > 0 else float("nan"),
     }
 
 
@@ -156,38 +205,6 @@ def _tuner_artifact(arch: str, name: str, fingerprint: str, seed: int) -> bytes:
         pooling="cls",
     )
     return pack_artifact(config, random_arrays(config, seed=seed))
-
-
-def _metric_totals(text: str) -> dict[str, float]:
-    """Sums and counts of the histograms the report uses, from Prometheus text."""
-    wanted = (
-        "restune_batch_size_images",
-        "restune_backbone_forward_seconds",
-        "restune_fanout_seconds",
-        "restune_queue_wait_seconds",
-        "restune_tasks_per_forward",
-    )
-    out: dict[str, float] = {}
-    for name in wanted:
-        for part in ("sum", "count"):
-            found = re.search(rf"^{name}_{part} (\S+)$", text, re.MULTILINE)
-            out[f"{name}_{part}"] = float(found.group(1)) if found else 0.0
-    return out
-
-
-def _server_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    def mean(name: str, scale: float = 1.0) -> float:
-        count = after[f"{name}_count"] - before[f"{name}_count"]
-        total = after[f"{name}_sum"] - before[f"{name}_sum"]
-        return round(total / count * scale, 2) if count else float("nan")
-
-    return {
-        "mean_batch_images": mean("restune_batch_size_images"),
-        "backbone_ms_per_batch": mean("restune_backbone_forward_seconds", 1000.0),
-        "fanout_ms_per_batch": mean("restune_fanout_seconds", 1000.0),
-        "queue_wait_ms": mean("restune_queue_wait_seconds", 1000.0),
-        "tasks_per_forward": mean("restune_tasks_per_forward"),
-    }
 
 
 def _engine_batch() -> tuple[int, Any]:
@@ -231,15 +248,12 @@ def run(quick: bool = False, arch: str = ARCH) -> dict[str, Any]:
                     resp = server.register(name, _tuner_artifact(arch, name, fingerprint, seed=i))
                     resp.raise_for_status()
                 for k in TASKS:
-                    before = _metric_totals(client.get("/metrics").text)
                     load = _run_load_generator(server.url, ",".join(names[:k]), rounds=rounds)
-                    after = _metric_totals(client.get("/metrics").text)
                     rows.append(
                         {
                             "tasks_per_image": k,
                             **load,
                             "answers_per_s": round(load["images_per_s"] * k, 1),
-                            "server": _server_means(before, after),
                         }
                     )
         finally:
@@ -331,8 +345,8 @@ def main() -> None:
             f"K={row['tasks_per_image']:>2}: {row['images_per_s']:>6.1f} images/s, "
             f"{row['answers_per_s']:>7.1f} answers/s, p50/p95/p99 {row['p50_ms']}/"
             f"{row['p95_ms']}/{row['p99_ms']} ms, batch {s['mean_batch_images']}, "
-            f"backbone {s['backbone_ms_per_batch']} ms + fan-out {s['fanout_ms_per_batch']} ms"
-            f"{engine}; errors {row['errors'] or 0}"
+            f"backbone {s['backbone_ms_per_batch']} ms + fan-out {s['fanout_ms_per_batch']} ms, "
+            f"engine busy {s['engine_busy']:.0%}{engine}; errors {row['errors'] or 0}"
         )
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s")
 

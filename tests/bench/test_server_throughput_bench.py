@@ -23,4 +23,6 @@ def test_server_throughput_reports_every_row() -> None:
         assert all(math.isfinite(x) and x > 0 for x in numbers)
         assert row["p50_ms"] <= row["p99_ms"]
         assert row["server"]["tasks_per_forward"] >= row["tasks_per_image"]
+        assert row["server"]["batches"] >= 1
+        assert 0 < row["server"]["engine_busy"] <= 1.5
         assert row["engine_images_per_s"] > 0
