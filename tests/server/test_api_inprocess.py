@@ -9,11 +9,10 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import httpx
 import pytest
 
 with warnings.catch_warnings():
@@ -78,7 +77,22 @@ def artifact(name: str, backbone: TorchBackbone, seed: int = 0) -> bytes:
     return make_artifact(config, backbone.final_norm, seed=seed)
 
 
-def problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+class HttpResponse(Protocol):
+    """What the tests read from a response (httpx's or httpx2's, whichever the client uses)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+def problem(resp: HttpResponse, status: int, code: str) -> dict[str, Any]:
     """Assert ``resp`` is an RFC 9457 problem with ``status`` and ``code``; return its body."""
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
