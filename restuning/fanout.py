@@ -30,9 +30,11 @@ Strategy = Literal["auto", "stacked", "loop"]
 """``stacked``: batched ops over the task axis; ``loop``: each task's module in turn;
 ``auto``: :func:`choose_strategy`."""
 
-MAX_STACK_ELEMENTS = 1 << 25
-"""Cap on one stacked activation (K x rows x tokens x D elements, 128 MiB in float32):
-bigger stacks run in task chunks so all-token groups do not blow up memory."""
+MAX_STACK_ELEMENTS = 1 << 22
+"""Cap on one stacked activation (K x rows x tokens x D elements, 16 MiB in float32); bigger
+stacks run in task chunks. All-token stacks are memory-bound: on 2 CPU cores, 19 ViT-S
+all-token tasks at batch 8 took 2460 ms in one stack, 1060 ms in chunks of 6 (this cap),
+1260 ms in a loop. CLS-only stacks (B x 1 x D per task) stay whole."""
 
 SHARED_ROWS_MIN_FILL = 0.5
 """Run a stack on the union of its tasks' rows when the largest task asks for at least this
@@ -43,9 +45,10 @@ for every row of the union."""
 def choose_strategy(num_tasks: int) -> Literal["stacked", "loop"]:
     """Loop for a single task (nothing to batch, no stacked copy); stacked otherwise.
 
-    Measured on 2 CPU cores, ViT-S (D 384, 12 layers, r 32), CLS rows, batch 1 and 8: the
-    stacked group is already faster at K = 4 and its cost grows far slower with K than a
-    loop's (bench/fanout_cost.py). On a GPU the loop is launch-bound and worse still.
+    Measured (bench/fanout_cost.py, one CPU thread, ViT-S D 384, 12 layers, r 32, CLS rows):
+    K = 1 costs the same either way (0.8 vs 1.0 ms at batch 1); from K = 4 the stack wins,
+    batch 1: 1.8 vs 5.5 ms (K 4), 18 vs 78 ms (K 64); batch 8: 3.2 vs 6.9 ms (K 4),
+    39 vs 108 ms (K 64). On a GPU the loop is launch-bound and worse still (GPU.md).
     """
     return "loop" if num_tasks <= 1 else "stacked"
 
