@@ -10,9 +10,11 @@ ViT-S/16 at 224 px (random weights: timing only), res_adapter on all 12 layers, 
 - the one-off cost of building a stacked group (what hot registration pays, off the request
   path).
 
-Run: ``python -m bench.fanout_cost [--quick]`` -> ``bench/results/fanout_cost.json``.
-Times are the best of several repeats, in milliseconds, on whatever device torch uses here (CPU
-unless ``--device cuda``); compare ratios, not absolute times, across machines.
+Run: ``python -m bench.fanout_cost [--quick] [--threads 1 --clock cpu]``, which writes
+``bench/results/fanout_cost.json``. Times are the best of several repeats, in milliseconds,
+on whatever device torch uses here (CPU unless ``--device cuda``); compare ratios, not
+absolute times, across machines. On a busy shared machine, ``--threads 1 --clock cpu``
+measures the work itself (process CPU time) rather than the neighbours' load.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -44,27 +46,31 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fanout_cost.json"
 
 @dataclass(frozen=True)
 class Timer:
-    """Best (minimum) wall time of a call in ms, after one warm-up call.
+    """Best (minimum) time of a call in ms, after one warm-up call.
 
     The minimum, not the median: on a shared machine other processes only ever add time,
-    and both sides of every ratio are measured the same way.
+    and both sides of every ratio are measured the same way. ``clock="cpu"`` counts this
+    process's CPU time instead of wall time: with one thread it is the work itself, untouched
+    by other processes' load (on a GPU, use wall time).
     """
 
     device: torch.device
     min_repeats: int
     min_seconds: float
+    clock: Literal["wall", "cpu"] = "wall"
 
     def ms(self, fn: Callable[[], object]) -> float:
         """Time ``fn`` at least ``min_repeats`` times and for at least ``min_seconds``."""
         fn()
         self._sync()
+        now = time.process_time if self.clock == "cpu" else time.perf_counter
         times: list[float] = []
         started = time.perf_counter()
         while len(times) < self.min_repeats or time.perf_counter() - started < self.min_seconds:
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             self._sync()
-            times.append((time.perf_counter() - t0) * 1000.0)
+            times.append((now() - t0) * 1000.0)
         return min(times)
 
     def _sync(self) -> None:
@@ -95,7 +101,12 @@ def _tasks(backbone: TorchBackbone, k: int, pooling: Pooling) -> list[TaskModule
     ]
 
 
-def run(quick: bool = False, device: str = "cpu", arch: str = ARCH) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    device: str = "cpu",
+    arch: str = ARCH,
+    clock: Literal["wall", "cpu"] = "wall",
+) -> dict[str, Any]:
     """Measure and return the report (see the module docstring); ``quick`` trims the grid.
 
     ``arch`` is any preset (tests use ``vit_test_tiny``); the tuners span all its blocks.
@@ -104,7 +115,7 @@ def run(quick: bool = False, device: str = "cpu", arch: str = ARCH) -> dict[str,
     batches = (1, 8)
     task_counts = (1, 4) if quick else (1, 4, 19, 64)
     all_token_counts = (1, 4) if quick else (1, 4, 19, 64)
-    timer = Timer(dev, min_repeats=3 if quick else 7, min_seconds=0.05 if quick else 1.0)
+    timer = Timer(dev, 3 if quick else 7, 0.05 if quick else 1.0, clock)
 
     backbone = load_backbone(arch, "random:0", device=dev)
     _, height, width = backbone.data_config.input_size
@@ -123,6 +134,7 @@ def run(quick: bool = False, device: str = "cpu", arch: str = ARCH) -> dict[str,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "quick": quick,
+        "clock": clock,
         "unit": "ms (best of repeats); x = multiple of one plain backbone forward at that batch",
         "backbone": {},
         "one_task": {},
@@ -144,7 +156,7 @@ def run(quick: bool = False, device: str = "cpu", arch: str = ARCH) -> dict[str,
                 all_token_counts,
             )
         k_max = len(cls_tasks)
-        build = Timer(dev, min_repeats=3, min_seconds=0.0)
+        build = Timer(dev, 3, 0.0, clock)
         report["build_ms"][str(k_max)] = build.ms(partial(StackedGroup, cls_tasks, "stacked"))
     return report
 
@@ -239,12 +251,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller grid, fewer repeats")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.threads > 0:
         # One thread is steadier on a busy shared machine (no OpenMP barrier waits).
         torch.set_num_threads(args.threads)
-    report = run(args.quick, args.device)
+    report = run(args.quick, args.device, clock=args.clock)
     _print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
