@@ -1,0 +1,131 @@
+"""The benchmark suite: which sections run in which profile, and running them.
+
+A section is a module ``bench/<name>.py`` with ``run(quick: bool) -> dict``. Each section runs
+in this one process, one after another; every comparison a section makes is measured inside
+that section, side by side. Each result lands in ``<out>/<name>.json`` with a ``suite`` entry
+(profile, date, seconds, status); ``<out>/suite.json`` records the run and the machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from bench.machine import machine_info
+
+ProfileName = Literal["smoke", "quick", "full"]
+THREADS = 2
+"""Threads for every section: the numbers are for a 2-core box (the quick target)."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One benchmark module and the profiles it is part of."""
+
+    name: str
+    title: str
+    profiles: frozenset[ProfileName]
+    smoke_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of ``run`` in the smoke profile (tiny backbone)."""
+
+
+_QUICK: frozenset[ProfileName] = frozenset({"quick", "full"})
+_FULL: frozenset[ProfileName] = frozenset({"full"})
+_ALL: frozenset[ProfileName] = frozenset({"smoke", "quick", "full"})
+
+SECTIONS: tuple[Section, ...] = (
+    Section("peft_peer", "Fan-out vs PEFT LoRA", _ALL, {"smoke": True}),
+    Section("server_throughput", "Server end to end", _QUICK),
+    Section("runtimes", "Backbone runtimes", _QUICK),
+    Section("registry_scale", "Registry at 1,000 tuners", _ALL, {"smoke": True}),
+    Section("feature_cache", "Feature cache hit vs miss", _ALL, {"smoke": True}),
+    Section("store_latency", "Tuner store latency", _QUICK),
+    Section("training_memory", "Training memory", _QUICK),
+    Section("fanout_cost", "Fan-out cost, loop vs stacked", _FULL),
+    Section("backbone_eager", "Backbone eager throughput", _FULL),
+)
+BY_NAME = {s.name: s for s in SECTIONS}
+
+
+def select(profile: ProfileName, only: list[str] | None) -> list[Section]:
+    """The sections to run: ``only`` (any profile) or those of ``profile``, in suite order."""
+    if only:
+        unknown = sorted(set(only) - BY_NAME.keys())
+        if unknown:
+            raise ValueError(f"unknown sections {unknown}; known: {sorted(BY_NAME)}")
+        return [s for s in SECTIONS if s.name in only]
+    return [s for s in SECTIONS if profile in s.profiles]
+
+
+def run_section(section: Section, profile: ProfileName) -> dict[str, Any]:
+    """Run one section; a failure or an absent module becomes a result saying so."""
+    started = time.monotonic()
+    meta: dict[str, Any] = {
+        "profile": profile,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    module_name = f"bench.{section.name}"
+    try:
+        module = importlib.import_module(module_name)
+        kwargs = section.smoke_kwargs if profile == "smoke" else {}
+        result: dict[str, Any] = module.run(quick=profile != "full", **kwargs)
+        meta["status"] = "ok"
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            hint = (
+                " (install the bench extra: pip install -e '.[bench]')"
+                if exc.name in ("transformers", "peft", "matplotlib")
+                else ""
+            )
+            result = {"bench": section.name, "error": f"{exc}{hint}"}
+            meta["status"] = "error"
+        else:
+            result = {"bench": section.name, "skipped": f"{module_name} is not in this tree"}
+            meta["status"] = "skipped"
+    except Exception as exc:  # one broken section must not lose the others' results
+        result = {
+            "bench": section.name,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=8),
+        }
+        meta["status"] = "error"
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    result["suite"] = meta
+    gc.collect()
+    return result
+
+
+def run_suite(profile: ProfileName, out: Path, only: list[str] | None = None) -> dict[str, Any]:
+    """Run the selected sections, writing ``<out>/<name>.json`` and ``<out>/suite.json``."""
+    torch.set_num_threads(THREADS)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = select(profile, only)
+    suite_path = out / "suite.json"
+    suite: dict[str, Any] = {}
+    if only and suite_path.exists():
+        suite = json.loads(suite_path.read_text())  # a partial run updates the record
+    suite.update(profile=profile, machine=machine_info(THREADS))
+    suite.setdefault("sections", {})
+    suite["ran"] = [s.name for s in sections]
+    started = time.monotonic()
+    for section in sections:
+        print(f"[bench] {section.name}: {section.title} ({profile})", flush=True)
+        result = run_section(section, profile)
+        (out / f"{section.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        suite["sections"][section.name] = result["suite"]
+        status = result["suite"]["status"]
+        detail = result.get("error") or result.get("skipped") or ""
+        print(f"[bench] {section.name}: {status} in {result['suite']['seconds']} s {detail}")
+        suite_path.write_text(json.dumps(suite, indent=2) + "\n")
+    suite["seconds"] = round(time.monotonic() - started, 1)
+    suite_path.write_text(json.dumps(suite, indent=2) + "\n")
+    return suite
