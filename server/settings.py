@@ -75,22 +75,33 @@ class Settings(BaseSettings):
 
     # --- request limits ----------------------------------------------------------------
     max_request_bytes: int = Field(default=64 * MiB, gt=0)
+    """Largest request body (artifact uploads have their own limit); refused while it streams."""
     max_images_per_request: int = Field(default=64, gt=0)
+    """Most images one predict request may carry."""
     max_image_bytes: int = Field(default=16 * MiB, gt=0)
+    """Largest encoded image file."""
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     """Decoded width x height limit (decompression bombs)."""
     max_tasks_per_request: int = Field(default=64, gt=0)
+    """Most tasks one predict request may name."""
     max_top_k: int = Field(default=100, gt=0)
+    """Largest ``top_k`` (labels per classification answer)."""
     max_artifact_bytes: int = Field(default=256 * MiB, gt=0)
+    """Largest tuner artifact a ``PUT /v1/tuners/{name}`` may upload."""
     max_task_metric_labels: int = Field(default=100, ge=0)
+    """Tasks with a series of their own in ``restune_predictions_total``; the rest: ``other``."""
 
     # --- process -----------------------------------------------------------------------
     host: str = "127.0.0.1"
+    """Bind address; ``0.0.0.0`` to listen on every interface (containers)."""
     port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port; 0 picks a free one (the URL is printed at start)."""
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     """On SIGTERM, how long in-flight requests may take to finish before connections close."""
     log_format: Literal["json", "text"] = "json"
+    """``json``: one JSON object per line (for log shippers); ``text``: for a terminal."""
     log_level: str = "info"
+    """Root log level (``debug`` also logs probe and scrape requests)."""
     home: str = "~/.cache/restune"
     """Cache directory for converted backbones, ONNX exports and demo features."""
 
