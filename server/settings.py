@@ -100,10 +100,15 @@ class Settings(BaseSettings):
     """On SIGTERM, how long in-flight requests may take to finish before connections close."""
     log_format: Literal["json", "text"] = "json"
     """``json``: one JSON object per line (for log shippers); ``text``: for a terminal."""
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Root log level (``debug`` also logs probe and scrape requests)."""
     home: str = "~/.cache/restune"
     """Cache directory for converted backbones, ONNX exports and demo features."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("device")
     @classmethod
