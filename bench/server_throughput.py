@@ -42,6 +42,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.processes import ServeProcess
+
 ARCH = "vit_small_patch16_224"
 TASKS = (1, 4, 16)
 IMAGES_PER_REQUEST = 4
@@ -53,6 +55,7 @@ TOP_K = 5
 DEFAULT_BATCH = 8
 RESULTS = Path(__file__).resolve().parent / "results" / "server_throughput.json"
 MiB = 1024 * 1024
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 
 
 # --- the load generator (runs in its own process) ---------------------------------------------
@@ -218,8 +221,6 @@ def _engine_batch() -> tuple[int, Any]:
 
 def run(quick: bool = False, arch: str = ARCH) -> dict[str, Any]:
     """Start the server, load it at K = 1, 4, 16 tasks per image, then run the engine bench."""
-    from tests.fixtures.live_server import LiveServer
-
     rounds = 2 if quick else 8
     batch, engine_bench = _engine_batch()
     env = {
@@ -239,25 +240,29 @@ def run(quick: bool = False, arch: str = ARCH) -> dict[str, Any]:
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="restune-bench-") as tmp:
-        server = LiveServer(Path(tmp), env).start(timeout=300)
-        try:
-            with server.client() as client:
-                fingerprint = client.get("/readyz").json()["backbone"]["fingerprint"]
-                names = [f"task{i:02d}" for i in range(max(TASKS))]
-                for i, name in enumerate(names):
-                    resp = server.register(name, _tuner_artifact(arch, name, fingerprint, seed=i))
-                    resp.raise_for_status()
-                for k in TASKS:
-                    load = _run_load_generator(server.url, ",".join(names[:k]), rounds=rounds)
-                    rows.append(
-                        {
-                            "tasks_per_image": k,
-                            **load,
-                            "answers_per_s": round(load["images_per_s"] * k, 1),
-                        }
-                    )
-        finally:
-            server.stop()
+        env["RESTUNE_STORE"] = f"file://{tmp}/store"
+        env["RESTUNE_ADMIN_TOKEN"] = ADMIN_TOKEN
+        with (
+            ServeProcess(Path(tmp) / "server", env) as server,
+            httpx.Client(base_url=server.url, timeout=120.0) as client,
+        ):
+            fingerprint = client.get("/readyz").json()["backbone"]["fingerprint"]
+            names = [f"task{i:02d}" for i in range(max(TASKS))]
+            headers = {**server.admin_headers, "Content-Type": "application/octet-stream"}
+            for i, name in enumerate(names):
+                artifact = _tuner_artifact(arch, name, fingerprint, seed=i)
+                client.put(
+                    f"/v1/tuners/{name}", content=artifact, headers=headers
+                ).raise_for_status()
+            for k in TASKS:
+                load = _run_load_generator(server.url, ",".join(names[:k]), rounds=rounds)
+                rows.append(
+                    {
+                        "tasks_per_image": k,
+                        **load,
+                        "answers_per_s": round(load["images_per_s"] * k, 1),
+                    }
+                )
     engine: dict[str, Any] | None = None
     if engine_bench is not None:
         engine = engine_bench.run(quick=quick, arch=arch)
