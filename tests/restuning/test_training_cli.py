@@ -1,0 +1,124 @@
+"""``restune train`` end to end in a subprocess: artifact written and loadable, usage errors, and
+``--push`` to a live server (tiny random backbone on both sides, so the fingerprints match)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.cli import main
+from restuning.artifact_io import load_task
+from restuning.backbone import TorchBackbone
+from tests.fixtures.live_server import REPO_ROOT, TEST_ADMIN_TOKEN, LiveServer
+from tests.fixtures.training_data import write_digit_folder
+
+TINY = ("--backbone", "vit_test_tiny", "--weights", "random:0")
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_folder(tmp_path_factory.mktemp("cli-digits"), (3, 8), per_class=10)
+
+
+def restune(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """``restune ARGS`` as a child process (the console script's module), caches in ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESTUNE_")}
+    env.update(RESTUNE_HOME=str(home), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+
+
+def test_train_writes_a_loadable_artifact(
+    digit_folder: Path, tiny_backbone: TorchBackbone, tmp_path: Path
+) -> None:
+    out = tmp_path / "art" / "threes.safetensors"
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "threes", "--out", str(out), *TINY,
+        "--epochs", "3", "--bottleneck", "4", "--layers", "1-2", "--seed", "7", "--quiet",
+        "--cache-dir", str(tmp_path / "cache"), home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "threes: accuracy" in done.stdout
+    module = load_task(out.read_bytes(), tiny_backbone.final_norm)
+    config = module.config
+    assert config.name == "threes"
+    assert config.labels == ("eight", "three")
+    assert config.bypass.layers == (1, 2)
+    assert config.bypass.bottleneck == 4
+    assert config.training.epochs == 3
+    assert config.training.seed == 7
+    assert config.training.data == f"folder:{digit_folder}"
+    assert (config.training.train_size, config.training.val_size) == (16, 4)
+    assert config.training.val_metric == "accuracy"
+    assert any((tmp_path / "cache").rglob("shard-*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--out", "x.bin"), "must end in .safetensors"),
+        (("--name", "Bad Name"), "--name must match"),
+        (("--layers", "2-x"), "--layers must be FIRST-LAST"),
+        (("--layers", "1-9"), "exceed backbone depth"),
+        (("--data", "nowhere"), "expected a directory"),
+    ],
+)
+def test_usage_errors_exit_2(
+    digit_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    # In process: the same handler the console script runs, without a child's start-up cost.
+    monkeypatch.setenv("RESTUNE_HOME", str(tmp_path))
+    options = {"--data": str(digit_folder), "--name": "x", "--out": str(tmp_path / "x.safetensors")}
+    options.update(zip(args[::2], args[1::2], strict=True))
+    argv = [part for option in options.items() for part in option]
+    code = main(["train", *argv, *TINY, "--epochs", "1", "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_push_registers_on_a_live_server(
+    digit_folder: Path, live_server: LiveServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "pushed.safetensors"
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "pushed", "--out", str(out), *TINY,
+        "--epochs", "2", "--bottleneck", "4", "--quiet",
+        "--push", live_server.url, "--token", TEST_ADMIN_TOKEN, home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"pushed pushed v1 to {live_server.url}: registered" in done.stdout
+    with live_server.client() as client:
+        body = client.get("/v1/tuners/pushed").json()
+    assert body["version"] == 1
+    assert body["config"]["training"]["epochs"] == 2
+    assert body["config"]["training"]["data"] == f"folder:{digit_folder}"
+
+
+def test_push_with_a_wrong_token_fails_with_the_api_exit_code(
+    digit_folder: Path, live_server: LiveServer, tmp_path: Path
+) -> None:
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "refused", "--out",
+        str(tmp_path / "r.safetensors"), *TINY, "--epochs", "1", "--quiet",
+        "--push", live_server.url, "--token", "not-the-token", home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "forbidden" in done.stderr.lower()
+    # The artifact is written before the push, so a refused push loses nothing.
+    assert (tmp_path / "r.safetensors").is_file()
