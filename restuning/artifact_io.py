@@ -8,17 +8,37 @@ values.
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import nn
 
 from restuning.tuners.task import TaskModule, build_task
-from tuners_store.artifact import DEFAULT_MAX_ARTIFACT_BYTES, artifact_metadata, validate_artifact
+from tuners_store.artifact import (
+    DEFAULT_MAX_ARTIFACT_BYTES,
+    RawTensor,
+    pack_raw,
+    validate_artifact,
+)
+
+# torch dtype -> (safetensors dtype name, same-width integer view for the raw bytes)
+_RAW_DTYPES: dict[torch.dtype, tuple[str, torch.dtype]] = {
+    torch.float32: ("F32", torch.int32),
+    torch.float16: ("F16", torch.int16),
+    torch.bfloat16: ("BF16", torch.int16),
+}
 
 
 def save_task(module: TaskModule) -> bytes:
-    """The module's tensors and config as artifact bytes (tensors in the module's dtype)."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
-    return bytes(save(tensors, metadata=artifact_metadata(module.config)))
+    """The module's tensors and config as artifact bytes (tensors in the module's dtype).
+
+    Written by ``tuners_store``'s deterministic packer, so saving the same module twice gives
+    the same bytes and the same sha256 (versions are content-addressed).
+    """
+    raw: dict[str, RawTensor] = {}
+    for name, t in module.state_dict().items():
+        dtype_name, int_view = _RAW_DTYPES[t.dtype]
+        flat = t.detach().cpu().contiguous().view(int_view).numpy()  # little-endian on x86/arm
+        raw[name] = RawTensor(dtype_name, tuple(t.shape), flat.tobytes())
+    return pack_raw(module.config, raw)
 
 
 def load_task(
