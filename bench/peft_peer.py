@@ -67,20 +67,38 @@ PEFT_METHODS = ("peft_switch", "peft_mixed")
 class Profile:
     """Sizes of one run."""
 
-    archs: tuple[str, ...]
+    archs: tuple[tuple[str, int], ...]
+    """(preset, rounds) per backbone size."""
     task_counts: tuple[int, ...]
-    rounds: int
+    """K values our engine runs."""
+    switch_counts: tuple[int, ...]
+    """K values the peer runs by switching adapters (a subset: it costs K forwards)."""
+    mixed_counts: tuple[int, ...]
+    """K values of the peer's mixed-adapter batch (a subset: it costs about K forwards)."""
     batch: int = BATCH
+
+    def repeats(self, k: int) -> int:
+        """Calls per candidate in a K block: small blocks are cheap and noisy, so more."""
+        return max(1, -(-4 // k))
+
+
+ALL_COUNTS = (1, 2, 4, 8, 16, 19, 32, 64)
 
 
 def profile(quick: bool, smoke: bool) -> Profile:
-    """The smoke (tiny, seconds), quick (ViT-S/16) or full (ViT-S/16 and ViT-B/16) sizes."""
+    """Smoke: tiny backbone, seconds. Quick: ViT-S/16, the peer at the K values the issue
+    quotes (a few minutes on 2 cores). Full: ViT-S/16 (3 rounds) and ViT-B/16 (1 round),
+    every K for every method."""
     if smoke:
-        return Profile(("vit_test_tiny",), (1, 2), rounds=1, batch=2)
-    counts = (1, 2, 4, 8, 16, 19, 32, 64)
+        return Profile((("vit_test_tiny", 1),), (1, 2), (1, 2), (1, 2), batch=2)
     if quick:
-        return Profile(("vit_small_patch16_224",), counts, rounds=2)
-    return Profile(("vit_small_patch16_224", "vit_base_patch16_224"), counts, rounds=3)
+        return Profile((("vit_small_patch16_224", 1),), ALL_COUNTS, (1, 4, 16, 19, 64), (1, 4, 19))
+    return Profile(
+        (("vit_small_patch16_224", 3), ("vit_base_patch16_224", 1)),
+        ALL_COUNTS,
+        ALL_COUNTS,
+        ALL_COUNTS,
+    )
 
 
 # --------------------------------------------------------------------------- the peer (a)
@@ -250,13 +268,13 @@ def _peft_mixed_supported(peer: PeftPeer, images: torch.Tensor) -> str | None:
     return None if logits.shape[0] == min(2, len(peer.names)) else "wrong output rows"
 
 
-def measure_arch(arch: str, prof: Profile) -> dict[str, Any]:
+def measure_arch(arch: str, rounds: int, prof: Profile) -> dict[str, Any]:
     """Every method at every K for one backbone size, interleaved by K block and round."""
     vit = get_preset(arch).vit
     images = torch.randn(
         prof.batch, 3, vit.img_size, vit.img_size, generator=torch.Generator().manual_seed(0)
     )  # (B, 3, H, W)
-    peer = PeftPeer(arch, max(prof.task_counts))
+    peer = PeftPeer(arch, max(prof.switch_counts + prof.mixed_counts))
     ours = OursSide(arch, prof.task_counts)
     mixed_unsupported = _peft_mixed_supported(peer, images)
 
@@ -272,25 +290,24 @@ def measure_arch(arch: str, prof: Profile) -> dict[str, Any]:
         ours.serve(images, k0, label)
 
     times: dict[int, dict[str, list[float]]] = {}
-    for _ in range(prof.rounds):
+    for _ in range(rounds):
         for k in prof.task_counts:
             candidates: dict[str, Callable[[], object]] = {
                 "peft_plain": partial(peer.plain, images),
                 "ours_plain": partial(ours.plain, images),
-                "peft_switch": partial(peer.switching, images, k),
-                "ours_loop": partial(ours.serve, images, k, "loop"),
-                "ours_stacked": partial(ours.serve, images, k, "stacked"),
-                "ours_cls": partial(ours.serve, images, k, "cls"),
             }
-            if mixed_unsupported is None:
+            if k in prof.switch_counts:
+                candidates["peft_switch"] = partial(peer.switching, images, k)
+            if k in prof.mixed_counts and mixed_unsupported is None:
                 candidates["peft_mixed"] = partial(peer.mixed, images, k)
-            block = interleaved(candidates, rounds=1)
+            for label in ("loop", "stacked", "cls"):
+                candidates[f"ours_{label}"] = partial(ours.serve, images, k, label)
+            block = interleaved(candidates, rounds=1, repeats=prof.repeats(k))
             into = times.setdefault(k, {name: [] for name in candidates})
             for name, samples in block.items():
                 into[name].extend(samples)
-    fanout_repeats = 3 if prof.rounds == 1 else 7
-    cls_fanout = {k: ours.cls_fanout_ms(images, k, fanout_repeats) for k in prof.task_counts}
-    result = _summarise(arch, prof, times, cls_fanout)
+    cls_fanout = {k: ours.cls_fanout_ms(images, k, repeats=5) for k in prof.task_counts}
+    result = _summarise(arch, rounds, prof, times, cls_fanout)
     result["peer"] = {
         "model": "transformers ViTForImageClassification (random init) + PEFT LoRA",
         "lora": {"r": RANK, "alpha": 2 * RANK, "targets": lora_targets(peer.plain_model)},
@@ -303,6 +320,7 @@ def measure_arch(arch: str, prof: Profile) -> dict[str, Any]:
 
 def _summarise(
     arch: str,
+    rounds: int,
     prof: Profile,
     times: dict[int, dict[str, list[float]]],
     cls_fanout: dict[int, float],
@@ -335,10 +353,9 @@ def _summarise(
         if one_task_cls_x is None:
             one_task_cls_x = ours_x / k
         row["cls_fanout_ms"] = round(cls_fanout[k], 3)
-        row["ratio_vs_peft_switch"] = round(row["peft_switch"]["x_plain"] / ours_x, 2)
-        row["ratio_vs_peft_mixed"] = (
-            round(row["peft_mixed"]["x_plain"] / ours_x, 2) if row["peft_mixed"] else None
-        )
+        for method in PEFT_METHODS:
+            peer_x = row[method]["x_plain"] if row[method] else None
+            row[f"ratio_vs_{method}"] = round(peer_x / ours_x, 2) if peer_x else None
         row["speedup_vs_separate_copies"] = round(k * one_task_cls_x / ours_x, 2)
         row["ideal_speedup"] = round(k * (tb + tt) / (tb + k * tt), 2)
         row["paper_ratio"] = round(PAPER_RATIO[k], 2) if k in PAPER_RATIO else None
@@ -346,7 +363,7 @@ def _summarise(
     return {
         "arch": arch,
         "batch": prof.batch,
-        "rounds": prof.rounds,
+        "rounds": rounds,
         "plain_forward_ms": {
             "peft": round(statistics.median(all_plain["peft"]), 2),
             "ours": round(tb, 2),
@@ -388,8 +405,10 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         "paper": {"ratio_at_19": round(PAPER_RATIO[19], 2), "generative": PAPER_GENERATIVE},
         "goal_x_plain_at_19": GOAL_X_AT_19,
         "unit": "x_plain = cost / one plain forward of the same side, median of same-block "
-        "ratios over rounds; ms = median wall time per batch",
-        "archs": [measure_arch(arch, prof) for arch in prof.archs],
+        "ratios over rounds; ms = median wall time per batch; each K block times every "
+        "method ceil(4/K) times",
+        "peer_counts": {"switch": list(prof.switch_counts), "mixed": list(prof.mixed_counts)},
+        "archs": [measure_arch(arch, rounds, prof) for arch, rounds in prof.archs],
     }
 
 

@@ -250,7 +250,10 @@ def server_section(d: Json, plots: dict[str, str]) -> list[str]:
         f"{d.get('feature_cache', 'off')}) and a separate load-generator process (async "
         f"httpx, {d.get('concurrency')} requests in flight of {d.get('images_per_request')} "
         f"JPEGs each); engine alone = the same batches through `Engine.run_batch`, measured "
-        "in the same run. Overhead = 1 - server images/s / engine images/s.",
+        "in the same run. Server overhead = 1 - server images/s / engine-alone images/s; "
+        "engine busy = share of the measured window the server's engine computed (from its "
+        "/metrics), so 1 - busy bounds what HTTP, decoding and batching cost even on a busy "
+        "machine.",
         "",
     ]
     rows = []
@@ -265,8 +268,9 @@ def server_section(d: Json, plots: dict[str, str]) -> list[str]:
                 r.get("p95_ms"),
                 r.get("p99_ms"),
                 _get(r, "server", "mean_batch_images"),
+                _pct(_get(r, "server", "engine_busy")),
                 r.get("engine_images_per_s"),
-                f"{100 * (1 - eff):.0f}%" if isinstance(eff, int | float) else None,
+                _pct(1 - eff if isinstance(eff, int | float) else None),
                 sum((r.get("errors") or {}).values()),
             ]
         )
@@ -279,6 +283,7 @@ def server_section(d: Json, plots: dict[str, str]) -> list[str]:
             "p95 ms",
             "p99 ms",
             "mean batch",
+            "engine busy",
             "engine alone images/s",
             "server overhead",
             "errors",
@@ -313,14 +318,18 @@ def plot_server(d: Json, out: Path) -> dict[str, str]:
     return {"server": "server_latency.png"}
 
 
+def _pct(value: Any) -> str | None:
+    return f"{100 * value:.0f}%" if isinstance(value, int | float) else None
+
+
 def server_headline(d: Json) -> list[str]:
     """Headline bullet: server overhead at the largest K."""
     rows = [r for r in d.get("rows", []) if r.get("http_efficiency") is not None]
     if not rows:
         return []
     parts = [
-        f"K = {r['tasks_per_image']}: {100 * (1 - r['http_efficiency']):.0f}% "
-        f"(p99 {fmt(r.get('p99_ms'), 0)} ms)"
+        f"K = {r['tasks_per_image']}: {_pct(1 - r['http_efficiency'])} "
+        f"(engine busy {_pct(_get(r, 'server', 'engine_busy'))}, p99 {fmt(r.get('p99_ms'), 0)} ms)"
         for r in rows
     ]
     return [
@@ -332,28 +341,57 @@ def server_headline(d: Json) -> list[str]:
 # --------------------------------------------------------------------------- runtimes
 
 
-def _runtime_rows(d: Json) -> list[Json]:
-    rows = d.get("rows") or d.get("results") or []
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def _peak_key(row: Json) -> str | None:
-    return next((k for k in row if "peak" in k and isinstance(row[k], int | float)), None)
-
-
 def runtimes_section(d: Json, plots: dict[str, str]) -> list[str]:
-    """Section 3: torch vs ONNX Runtime vs int8 (as the runtimes bench reports them)."""
+    """Section 3: torch vs ONNX Runtime fp32 vs int8, and the share of the matmul peak."""
     lines = ["## 3. Backbone runtimes", "", _run_line(d), ""]
     if (why := _status(d)) is not None:
         return [*lines, why, ""]
-    if d.get("peak"):
-        lines += [f"fp32 matmul peak measured in the same run: {_scalars(d['peak'])}.", ""]
-    rows = _runtime_rows(d)
-    if rows:
-        headers = [k for k in rows[0] if not isinstance(rows[0][k], dict | list)]
-        lines += table(headers, [[r.get(h) for h in headers] for r in rows])
-    else:
-        lines.append(f"See `runtimes.json` ({', '.join(sorted(d))}).")
+    peak = d.get("matmul_peak_gflops") or {}
+    lines += [
+        "The serving path (CLS rows of every layer) under each runtime, random weights, "
+        f"interleaved rounds. fp32 matmul peak measured in the same run: "
+        f"{fmt(peak.get('before'), 1)} GFLOP/s before, {fmt(peak.get('after'), 1)} after "
+        f"(torch, {d.get('threads')} threads, {peak.get('size')}^2 matrices); the int8 rows "
+        "count the same FLOPs. AVX-512 VNNI: "
+        f"{fmt(d.get('avx512_vnni'))}.",
+        "",
+    ]
+    rows = [
+        [
+            r.get("arch"),
+            r.get("batch"),
+            r.get("runtime"),
+            r.get("ms_per_batch"),
+            r.get("img_per_s"),
+            r.get("fraction_of_matmul_peak"),
+            r.get("speedup_vs_torch"),
+        ]
+        for r in d.get("throughput", [])
+    ]
+    lines += table(
+        ["arch", "batch", "runtime", "ms/batch", "images/s", "share of fp32 peak", "vs torch"],
+        rows,
+    )
+    parity = [
+        [
+            p.get("arch"),
+            _get(p, "onnx_fp32", "rel"),
+            _get(p, "onnx_int8", "rel"),
+            _get(p, "onnx_int8", "mean_cosine"),
+        ]
+        for p in d.get("parity", [])
+    ]
+    if parity:
+        lines += [
+            "",
+            *table(["parity vs torch", "fp32 max rel", "int8 max rel", "int8 mean cosine"], parity),
+        ]
+    acc = d.get("int8_accuracy") or {}
+    lines += [
+        "",
+        f"int8 as the default: **{fmt(d.get('int8_default'))}** ({d.get('int8_rule')}; "
+        f"accuracy check: {_scalars(acc)}).",
+    ]
     if "runtimes" in plots:
         lines += ["", f"![runtimes as a fraction of the fp32 matmul peak]({plots['runtimes']})"]
     return [*lines, ""]
@@ -369,18 +407,17 @@ def plot_runtimes(d: Json, out: Path) -> dict[str, str]:
     """Bars: each runtime's images/s as a fraction of the measured fp32 matmul peak."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _runtime_rows(d) if _peak_key(r)]
+    rows = [r for r in d.get("throughput", []) if r.get("fraction_of_matmul_peak") is not None]
     if not rows:
         return {}
-    labels = [
-        " ".join(str(r[k]) for k in ("runtime", "arch", "batch") if k in r) or str(i)
-        for i, r in enumerate(rows)
-    ]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.barh(labels, [float(r[_peak_key(r) or ""]) for r in rows])
-    ax.set_xlabel("fraction of the fp32 matmul peak")
-    ax.set_title("Backbone runtimes")
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.32 * len(rows)))
+    labels = [f"{r['arch']} b{r['batch']} {r['runtime']}" for r in rows]
+    ax.barh(labels, [r["fraction_of_matmul_peak"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s x FLOPs per image / fp32 matmul peak (same run)")
+    ax.set_title("Backbone runtimes: share of the measured fp32 peak")
     ax.grid(True, axis="x", alpha=0.3)
+    ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out / "runtimes_peak.png", dpi=90)
     plt.close(fig)
