@@ -156,6 +156,8 @@ class TunerRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._generation: dict[str, int] = {}
         """Bumped when a name is deleted: loads started before see it and give up."""
+        self._traffic_reads: dict[str, int] = {}
+        """Reads of each name's traffic started: only the latest one applies."""
         self._change: dict[str, int] = {}
         """Bumped on every index change of a name: only the latest refresh may swap."""
         self._watch_task: asyncio.Task[None] | None = None
@@ -404,7 +406,7 @@ class TunerRegistry:
             name, result.info.version, data, result.info, generation=generation
         )
         if self._generation.get(name, 0) == generation:
-            self._swap(name, result.info)
+            self._swap(name, result.info, ours=True)
         self._count_registration("created" if result.created else "unchanged")
         log.info(
             "registered tuner %s v%d (%s)",
@@ -439,7 +441,7 @@ class TunerRegistry:
         except StoreError as exc:
             raise self._store_error(exc, name) from exc
         await self._load(name, version)
-        self._swap(name, info)
+        self._swap(name, info, ours=True)
         return info
 
     async def list_tuners(self) -> list[TunerSummary]:
@@ -503,11 +505,19 @@ class TunerRegistry:
         self._change[name] = self._change.get(name, 0) + 1
         self._report()
 
-    def _swap(self, name: str, info: VersionInfo) -> None:
-        """Make ``info`` the served version of ``name``; older unused versions leave memory."""
+    def _swap(self, name: str, info: VersionInfo, *, ours: bool = False) -> None:
+        """Make ``info`` the served version of ``name``; older unused versions leave memory.
+
+        ``ours``: this registry just made it current in the store, which cleared any canary
+        split at that instant, so the split goes at once. Either way the split is then re-read:
+        an event only says a version became current at some point, and someone may have set
+        a split since.
+        """
         previous = self._index.get(name)
         self._set_current(name, info)
-        self._traffic.pop(name, None)  # a new current version clears any canary split
+        if ours:
+            self._traffic.pop(name, None)
+        self._spawn(self._refresh_traffic(name))
         if previous is not None and previous.version != info.version:
             self._unload((name, previous.version))
             self._report()
@@ -559,8 +569,10 @@ class TunerRegistry:
         if event.kind in ("put", "current"):
             current = self._index.get(name)
             if current is not None and current.version == event.version:
-                self._traffic.pop(name, None)  # a put or rollback clears any canary split
-                return  # e.g. our own registration, already applied
+                # e.g. our own registration, already applied; the split may have changed
+                # since (a put clears it, a later set_traffic sets it): read it.
+                self._spawn(self._refresh_traffic(name))
+                return
             self._spawn(self._refresh(name, event.version, self._change.get(name, 0)))
         elif event.kind == "traffic":
             self._spawn(self._refresh_traffic(name))
@@ -614,11 +626,14 @@ class TunerRegistry:
 
     async def _refresh_traffic(self, name: str) -> None:
         """Mirror ``name``'s canary weights; only real splits are kept."""
+        seq = self._traffic_reads[name] = self._traffic_reads.get(name, 0) + 1
         try:
             weights = await self.store.get_traffic(name)
         except StoreError as exc:
             log.info("traffic of %s unavailable: %s", name, exc)
             return
+        if self._traffic_reads.get(name) != seq:
+            return  # a later read is under way; it has the fresher answer
         live = {v: w for v, w in weights.items() if w > 0}
         current = self._index.get(name)
         if current is None:
