@@ -154,8 +154,7 @@ class MicroBatcher:
                 f"{len(items)} images exceed the queue capacity of {self.max_queue_images}",
             )
         if len(self._queue) + len(items) > self.max_queue_images:
-            if self.metrics is not None:
-                self.metrics.rejected.labels(reason="overloaded").inc()
+            # Counted in restune_rejected_requests_total by the HTTP layer, like every refusal.
             raise ApiError(
                 "overloaded",
                 f"{len(self._queue)} images are queued (limit {self.max_queue_images}); "

@@ -299,12 +299,7 @@ class InferenceService:
                 to_compute.append(index)
         completed: list[Completed] = []
         if items:
-            try:
-                completed = await self.batcher.submit(items, deadline=deadline)
-            except ApiError as exc:
-                if exc.code == "deadline_exceeded":
-                    self.metrics.rejected.labels(reason="deadline_exceeded").inc()
-                raise
+            completed = await self.batcher.submit(items, deadline=deadline)
         by_image = dict(zip(to_compute, completed, strict=True))
 
         results = []
