@@ -30,6 +30,10 @@ Strategy = Literal["auto", "stacked", "loop"]
 """``stacked``: batched ops over the task axis; ``loop``: each task's module in turn;
 ``auto``: :func:`choose_strategy`."""
 
+BypassImpl = Literal["bmm", "grouped"]
+"""How :meth:`StackedGroup.forward_all` runs the bypass: batched matmuls over the task axis,
+or the fused grouped kernel of :mod:`restuning.kernels.grouped_adapter` (CLS res_adapter)."""
+
 MAX_STACK_ELEMENTS = 1 << 22
 """Cap on one stacked activation (K x rows x tokens x D elements, 16 MiB in float32); bigger
 stacks run in task chunks. All-token stacks are memory-bound: on 2 CPU cores, 19 ViT-S
@@ -88,7 +92,10 @@ class StackedGroup:
         strategy: Strategy = "auto",
         *,
         max_stack_elements: int = MAX_STACK_ELEMENTS,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype``: the stacked copies' dtype (default: the modules'), e.g. bfloat16 on a GPU
+        whose registry keeps float32 modules; the stacked strategy then computes in it."""
         if not modules:
             raise ValueError("a group needs at least one task")
         first = modules[0]
@@ -106,7 +113,8 @@ class StackedGroup:
             choose_strategy(len(modules)) if strategy == "auto" else strategy
         )
         self.max_stack_elements = max_stack_elements
-        self._stack = _stack(self.modules) if self.strategy == "stacked" else None
+        self.dtype = dtype
+        self._stack = _stack(self.modules, dtype) if self.strategy == "stacked" else None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -127,7 +135,10 @@ class StackedGroup:
         """A new group with ``module`` added, replacing a task of the same name."""
         kept = [m for m in self.modules if m.config.name != module.config.name]
         return StackedGroup(
-            [*kept, module], self._requested, max_stack_elements=self.max_stack_elements
+            [*kept, module],
+            self._requested,
+            max_stack_elements=self.max_stack_elements,
+            dtype=self.dtype,
         )
 
     def without(self, name: str) -> StackedGroup | None:
@@ -135,7 +146,9 @@ class StackedGroup:
         kept = [m for m in self.modules if m.config.name != name]
         if not kept:
             return None
-        return StackedGroup(kept, self._requested, max_stack_elements=self.max_stack_elements)
+        return StackedGroup(
+            kept, self._requested, max_stack_elements=self.max_stack_elements, dtype=self.dtype
+        )
 
     @torch.no_grad()
     def forward(self, features: Features, rows: Sequence[Tensor]) -> list[Tensor]:
@@ -186,6 +199,36 @@ class StackedGroup:
 
     __call__ = forward
 
+    @torch.no_grad()
+    def forward_all(self, features: Features, impl: BypassImpl = "bmm") -> Tensor:
+        """Raw outputs of every task on every row: (K, B, C), in the stack's dtype.
+
+        No data-dependent op and no host sync, so a CUDA graph can capture it (rows a batch
+        did not ask for are computed and dropped by the caller; every op is per row, so they
+        change nothing for the others). Needs the stacked strategy. ``impl="grouped"`` runs
+        the bypass as one fused kernel per layer (CLS-pooled res_adapter groups only).
+        """
+        if self._stack is None:
+            raise ValueError("forward_all needs a stacked group (strategy='stacked')")
+        stack = self._stack
+        feats = features.select(self.feature_spec)  # (L', B, N', D)
+        data = feats.data.to(stack.head_weight.dtype)
+        n_layers, batch, tokens, dim = data.shape
+        if impl == "grouped":
+            # Imported here: the kernel module imports Triton lazily, and only this path needs it.
+            from restuning.kernels.grouped_adapter import grouped_adapter_bypass
+
+            cfg = self.modules[0].config
+            h = grouped_adapter_bypass(
+                data[:, :, 0],  # (L', B, D): CLS rows
+                feats.spec.layers,
+                cfg.bypass,
+                {key: dict(p) for key, p in stack.tuners.items()},
+            )  # (K, B, D)
+            return self._norm_pool_heads(stack, h.unsqueeze(2), len(self.modules), batch)
+        flat = data.reshape(n_layers, batch * tokens, dim)  # (L', B*N', D)
+        return self._bypass_heads(stack, feats.spec.layers, flat, len(self.modules), batch, tokens)
+
     def _run_stack(self, stack: _Stack, feats: Features, rows: list[Tensor]) -> list[Tensor]:
         """One chunk of the stack: the bypass as batched ops over its task axis."""
         k = len(rows)
@@ -212,9 +255,19 @@ class StackedGroup:
             )  # (K, n_max)
             n = n_max
             flat = data[:, padded].reshape(n_layers, k, n * tokens, dim)  # (L', K, n*N', D)
-        position = {layer: i for i, layer in enumerate(feats.spec.layers)}
-        first = self.modules[0]
-        bypass_cfg = first.config.bypass
+        flat = flat.to(stack.head_weight.dtype)
+        out = self._bypass_heads(stack, feats.spec.layers, flat, k, n, tokens)  # (K, n, C)
+        if shared:
+            return [out[i, torch.searchsorted(union, r)] for i, r in enumerate(rows)]
+        return [out[i, : counts[i]] for i in range(k)]
+
+    def _bypass_heads(
+        self, stack: _Stack, layers: tuple[int, ...], flat: Tensor, k: int, n: int, tokens: int
+    ) -> Tensor:
+        """The bypass over ``flat`` (L', n*N', D) shared, or (L', K, n*N', D) per task, then
+        norm, pooling and heads: (K, n, C)."""
+        position = {layer: i for i, layer in enumerate(layers)}
+        bypass_cfg = self.modules[0].config.bypass
         tuner = tuner_class(bypass_cfg.tuner)
         fixed = bypass_cfg.scale
 
@@ -232,18 +285,21 @@ class StackedGroup:
             bypass_cfg.combine,
             bypass_cfg.lam,
         )  # (K, n*N', D)
-        z = first.bypass.final_norm(h.reshape(k, n, tokens, dim))  # (K, n, N', D)
+        dim = int(flat.shape[-1])
+        return self._norm_pool_heads(stack, h.reshape(k, n, tokens, dim), k, n)
+
+    def _norm_pool_heads(self, stack: _Stack, h: Tensor, k: int, n: int) -> Tensor:
+        """h_last (K, n, N', D) -> the frozen final norm, pooling and heads: (K, n, C)."""
+        first = self.modules[0]
+        z = first.bypass.final_norm(h)  # (K, n, N', D)
         pooled = pool_tokens(z, first.config.pooling)  # (K, n, D)
-        out = torch.baddbmm(
+        return torch.baddbmm(
             stack.head_bias.unsqueeze(1), pooled, stack.head_weight.transpose(1, 2)
         )  # (K, n, C)
-        if shared:
-            return [out[i, torch.searchsorted(union, r)] for i, r in enumerate(rows)]
-        return [out[i, : counts[i]] for i in range(k)]
 
 
-def _stack(modules: Sequence[TaskModule]) -> _Stack:
-    """Copy K modules' tensors into stacked (K, ...) tensors."""
+def _stack(modules: Sequence[TaskModule], dtype: torch.dtype | None = None) -> _Stack:
+    """Copy K modules' tensors into stacked (K, ...) tensors (cast to ``dtype`` if given)."""
     with torch.no_grad():
         cfg = modules[0].config.bypass
         tuners: dict[tuple[str, int], dict[str, Tensor]] = {}
@@ -251,12 +307,13 @@ def _stack(modules: Sequence[TaskModule]) -> _Stack:
             for side in SIDES:
                 per_task = [m.bypass.tuner(side, layer).tensors() for m in modules]
                 tuners[(side, layer)] = {
-                    name: torch.stack([p[name].detach() for p in per_task]) for name in per_task[0]
+                    name: torch.stack([p[name].detach() for p in per_task]).to(dtype)
+                    for name in per_task[0]
                 }
         return _Stack(
             tuners,
-            torch.stack([m.head.weight.detach() for m in modules]),
-            torch.stack([m.head.bias.detach() for m in modules]),
+            torch.stack([m.head.weight.detach() for m in modules]).to(dtype),
+            torch.stack([m.head.bias.detach() for m in modules]).to(dtype),
         )
 
 

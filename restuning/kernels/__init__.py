@@ -1,0 +1,1 @@
+"""Fused GPU kernels for the fan-out (Triton, imported lazily: only CUDA paths load it)."""
