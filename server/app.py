@@ -20,6 +20,7 @@ from starlette.types import Scope
 
 from server.api import health, predict, tuners
 from server.api.schemas import document_problems
+from server.demo import demo_in_background
 from server.engine.service import InferenceService
 from server.metrics import Metrics
 from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFor
@@ -70,7 +71,10 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await running.start()
         try:
-            yield
+            # With RESTUNE_DEMO, an empty store gets the demo tuners, trained beside the
+            # already-serving app (they appear when ready).
+            async with demo_in_background(running, settings):
+                yield
         finally:
             # Uvicorn has stopped accepting and waited for in-flight requests; stop() drains
             # whatever is still queued in the batcher.
