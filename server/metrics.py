@@ -145,6 +145,23 @@ class Metrics:
             ["arch", "runtime", "device", "dtype", "providers"],
             registry=r,
         )
+        self.cuda_graph_captures = Counter(
+            "restune_cuda_graph_captures",
+            "CUDA graph plans built (one per batch bucket and task set), by result.",
+            ["result"],
+            registry=r,
+        )
+        self.cuda_graph_fallbacks = Counter(
+            "restune_cuda_graph_fallbacks",
+            "Batches a CUDA engine ran eagerly instead of from a graph, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.cuda_graphs = Gauge(
+            "restune_cuda_graphs",
+            "CUDA graph plans held.",
+            registry=r,
+        )
         self._max_task_labels = max_task_labels
         self._task_labels: set[str] = set()
         self._lock = threading.Lock()

@@ -20,6 +20,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from server.engine.buckets import DEFAULT_BUCKETS, validate_buckets
+
 MiB = 1024 * 1024
 
 
@@ -46,6 +48,14 @@ class Settings(BaseSettings):
     """Where exported ONNX backbones are cached by fingerprint (default ``$RESTUNE_HOME/onnx``)."""
     threads: int = Field(default=0, ge=0)
     """Intra-op threads for the backbone; 0 lets the runtime decide."""
+    cuda_graph_buckets: list[int] = Field(default_factory=lambda: list(DEFAULT_BUCKETS))
+    """Batch sizes CUDA graphs are captured at: a batch runs padded up to the next bucket, a
+    larger one in chunks of the largest. In the environment a JSON list: ``[1,2,4,8]``."""
+    cuda_graph_cache_size: int = Field(default=64, ge=0, le=4096)
+    """CUDA graph plans kept (LRU, one per bucket and task set); 0 runs CUDA eagerly."""
+    grouped_kernel: Literal["auto", "on", "off"] = "auto"
+    """The fused Triton kernel for CLS-pooled res_adapter groups on CUDA: ``auto`` times it
+    against the batched matmuls per group shape when a graph is built; ``on`` / ``off`` force."""
 
     # --- store and registry ------------------------------------------------------------
     store: str = "file://./.restune/tuners"
@@ -109,6 +119,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("cuda_graph_buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        return list(validate_buckets(v))
 
     @field_validator("device")
     @classmethod

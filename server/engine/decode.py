@@ -26,12 +26,12 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _ACCEPTED_REPORTED = frozenset(ALLOWED_FORMATS) | {"MPO"}
 
 
-def decode_image(data: bytes, index: int, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode image number ``index`` of a request to RGB, or raise an ``ApiError`` naming it.
+def open_checked(data: bytes, index: int, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Image number ``index`` of a request parsed up to its header, every limit checked.
 
-    ``image_too_large`` (413) when the bytes exceed ``max_bytes`` or the declared pixels exceed
-    ``max_pixels``; ``bad_image`` (422) for empty, truncated, corrupt or unsupported input.
-    Animated GIFs and multi-page TIFFs give their first frame.
+    Nothing is decoded yet: the byte size is checked before parsing, the format and the
+    declared width x height after it (``image_too_large`` / ``bad_image`` as for
+    :func:`decode_image`). The caller closes the returned image (``with``).
     """
     if not data:
         raise ApiError("bad_image", f"image {index} is empty (0 bytes)", image=index)
@@ -57,8 +57,7 @@ def decode_image(data: bytes, index: int, *, max_bytes: int, max_pixels: int) ->
         raise ApiError(
             "bad_image", f"image {index} has a corrupt header: {exc}", image=index
         ) from exc
-
-    with img:
+    try:
         if img.format not in _ACCEPTED_REPORTED:
             raise ApiError(
                 "bad_image", f"image {index} has unsupported format {img.format}", image=index
@@ -75,6 +74,20 @@ def decode_image(data: bytes, index: int, *, max_bytes: int, max_pixels: int) ->
                 f"the limit is {max_pixels}",
                 image=index,
             )
+    except ApiError:
+        img.close()
+        raise
+    return img
+
+
+def decode_image(data: bytes, index: int, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode image number ``index`` of a request to RGB, or raise an ``ApiError`` naming it.
+
+    ``image_too_large`` (413) when the bytes exceed ``max_bytes`` or the declared pixels exceed
+    ``max_pixels``; ``bad_image`` (422) for empty, truncated, corrupt or unsupported input.
+    Animated GIFs and multi-page TIFFs give their first frame.
+    """
+    with open_checked(data, index, max_bytes=max_bytes, max_pixels=max_pixels) as img:
         try:
             img.seek(0)  # first frame of an animation / first page of a TIFF
             img.load()
