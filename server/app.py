@@ -27,22 +27,31 @@ from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFo
 from server.middleware.request_context import RequestContextMiddleware
 from server.problems import install_exception_handlers
 from server.settings import Settings
+from server.tenancy import Tenancy
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPTIONAL_ROUTERS = ("server.api.oip",)
 """Routers written elsewhere, included when their module is present."""
 
 
+TUNERS_PREFIX = "/v1/tuners/"
+
+
 def body_limit_for(settings: Settings) -> LimitFor:
-    """Body limit per request: artifact uploads get the artifact limit, the rest the request
-    limit."""
+    """Body limit per request: artifact uploads get the artifact limit, the rest (traffic
+    splits included) the request limit."""
     request = BodyLimit(settings.max_request_bytes)
     artifact = BodyLimit(settings.max_artifact_bytes, "artifact_too_large", "the artifact")
+    segments = 2 if settings.tenants_enabled else 1  # of a tuner name: PUT /v1/tuners/{name}
 
     def limit_for(scope: Scope) -> BodyLimit:
-        if scope.get("method") == "PUT" and str(scope.get("path", "")).startswith("/v1/tuners/"):
-            return artifact
-        return request
+        path = str(scope.get("path", ""))
+        upload = (
+            scope.get("method") == "PUT"
+            and path.startswith(TUNERS_PREFIX)
+            and len(path[len(TUNERS_PREFIX) :].split("/")) == segments
+        )
+        return artifact if upload else request
 
     return limit_for
 
@@ -60,8 +69,13 @@ def _optional_routers() -> Iterable[APIRouter]:
 
 def create_app(settings: Settings, service: InferenceService | None = None) -> FastAPI:
     """The app for ``settings``; builds its own service (and metrics) unless given one."""
+    # A bad tokens file fails here, before anything listens.
+    tenancy = Tenancy.from_settings(settings)
     if service is None:
-        metrics = Metrics(max_task_labels=settings.max_task_metric_labels)
+        metrics = Metrics(
+            max_task_labels=settings.max_task_metric_labels,
+            max_version_labels=settings.max_version_metric_labels,
+        )
         service = InferenceService(settings, metrics)
     else:
         metrics = service.metrics
@@ -93,6 +107,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
+    app.state.tenancy = tenancy
 
     install_exception_handlers(app)
     for router in (predict.router, tuners.router, health.router, *_optional_routers()):
@@ -106,15 +121,40 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     return app
 
 
+TENANT_SCHEME = "TenantToken"
+_TENANT_ROUTES = ("/v1/", "/v2/models", "/v2/repository")
+
+
 def _document_problems(app: FastAPI) -> None:
-    """Post-process the generated OpenAPI once so it documents problem+json errors."""
+    """Post-process the generated OpenAPI once so it documents problem+json errors and, with
+    tenants on, the token every tuner route needs."""
+    tenants = app.state.settings.tenants_enabled
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_problems(FastAPI.openapi(app))
+            spec = document_problems(FastAPI.openapi(app))
+            if tenants:
+                _document_tenant_tokens(spec)
+            app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_tenant_tokens(spec: dict[str, Any]) -> None:
+    """Declare the bearer token on every tuner route (read routes are open without tenants,
+    so their dependency declares none)."""
+    schemes = spec.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[TENANT_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A token of the tuner's tenant (reader, writer) or an admin token",
+    }
+    for path, operations in spec.get("paths", {}).items():
+        if not path.startswith(_TENANT_ROUTES):
+            continue
+        for operation in operations.values():
+            operation.setdefault("security", [{TENANT_SCHEME: []}])
 
 
 def _mount_playground(app: FastAPI) -> None:

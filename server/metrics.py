@@ -1,15 +1,29 @@
 """Prometheus metrics of the service (prefix ``restune_``, base units, bounded label sets).
 
 Each :class:`Metrics` owns its registry so several apps can live in one process (tests).
-Per-task labels are capped: the first ``max_task_labels`` task names get their own series,
-the rest are counted under ``other``.
+Per-tuner labels are capped: the first ``max_task_labels`` tuner names get their own series
+(in every per-tuner metric alike), the rest are counted under ``other``; per-version series are
+capped the same way by ``max_version_labels``. So ``/metrics`` stays small with any number of
+registered tuners.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+OTHER = "other"
+"""Label value of everything past a label cap."""
+
+Location = Literal["device", "host", "store"]
+"""Where a tuner version lives: on the accelerator, in host memory, or only in the store."""
 
 LATENCY_BUCKETS = (
     0.001,
@@ -34,7 +48,7 @@ TASK_BUCKETS = (1, 2, 4, 8, 16, 19, 32, 64, 128, 256, 1024)
 class Metrics:
     """Every metric the service exports."""
 
-    def __init__(self, max_task_labels: int = 100) -> None:
+    def __init__(self, max_task_labels: int = 100, max_version_labels: int = 400) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -139,6 +153,17 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.answers = Counter(
+            "restune_answers",
+            "Per-image task answers by tuner version (capped: rest task or version 'other').",
+            ["task", "version"],
+            registry=r,
+        )
+        self.unload_drain_timeouts = Counter(
+            "restune_unload_drain_timeouts",
+            "Tuner versions unloaded while requests still held them (the drain bound passed).",
+            registry=r,
+        )
         self.backbone_info = Gauge(
             "restune_backbone_info",
             "The backbone being served (value 1).",
@@ -164,18 +189,128 @@ class Metrics:
         )
         self._max_task_labels = max_task_labels
         self._task_labels: set[str] = set()
+        self._max_version_labels = max_version_labels
+        self._version_labels: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self._tuner_state: Callable[[], TunerState] = TunerState
+        r.register(TunerStateCollector(self))
 
     def task_label(self, task: str) -> str:
-        """The label value for a task: its name while under the cap, else ``other``."""
+        """The label value for a task: its name while under the cap, else ``other``.
+
+        A name that gets a label keeps it (series of a counter never go away), so the first
+        ``max_task_labels`` names seen are the ones with series of their own.
+        """
         if task in self._task_labels:
             return task
         with self._lock:
             if len(self._task_labels) < self._max_task_labels:
                 self._task_labels.add(task)
                 return task
-        return "other"
+        return OTHER
+
+    def known_label(self, task: str) -> str:
+        """Like :meth:`task_label` but never hands out a new label (for idle tuners)."""
+        return task if task in self._task_labels else OTHER
+
+    def version_label(self, task: str, version: int) -> tuple[str, str]:
+        """(task, version) label values: both capped, ``other`` past the caps."""
+        name = self.task_label(task)
+        if name == OTHER:
+            return OTHER, OTHER
+        key = (task, version)
+        if key not in self._version_labels:
+            with self._lock:
+                if len(self._version_labels) >= self._max_version_labels:
+                    return name, OTHER
+                self._version_labels.add(key)
+        return name, str(version)
+
+    def count_answers(self, counts: Mapping[tuple[str, int], int]) -> None:
+        """Add per-version answer counts ``{(task, version): n}``."""
+        for (task, version), n in counts.items():
+            task_value, version_value = self.version_label(task, version)
+            self.answers.labels(task=task_value, version=version_value).inc(n)
+
+    def watch_tuners(self, state: Callable[[], TunerState]) -> None:
+        """Export where each tuner version lives and the canary weights from ``state()``,
+        read at every scrape (replaces an earlier source)."""
+        self._tuner_state = state
+
+    def tuner_state(self) -> TunerState:
+        """The state the tuner gauges show now (empty until :meth:`watch_tuners`)."""
+        return self._tuner_state()
 
     def render(self) -> bytes:
         """The exposition text."""
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class TunerState:
+    """What the registry holds, as the tuner gauges show it (read at every scrape)."""
+
+    placements: Sequence[tuple[str, int, Location]] = ()
+    """(name, version, location) of every loaded version and of every current version that
+    is not loaded (``store``)."""
+    traffic: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    """Canary weights of the names split between versions."""
+
+
+class TunerStateCollector(Collector):
+    """``restune_tuner_location`` and ``restune_tuner_traffic_weight``, built at scrape time.
+
+    Built from the registry's state instead of kept as gauges, so a deleted tuner's series
+    disappear with it and an idle tuner still shows where it lives. Labelled tuners have a
+    series per version (value 1); the rest are summed per location under ``task="other"``.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Names only: the registry checks them for clashes without calling collect().
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        location, traffic = self._families()
+        state = self._metrics.tuner_state()
+        others: Tally[str] = Tally()
+        for name, version, where in state.placements:
+            # A loaded version is in use: it may claim a label; an idle one only shows if its
+            # name already has one.
+            label = (
+                self._metrics.known_label(name)
+                if where == "store"
+                else self._metrics.task_label(name)
+            )
+            if label == OTHER:
+                others[where] += 1
+            else:
+                location.add_metric([label, str(version), where], 1)
+        for place, n in sorted(others.items()):
+            location.add_metric([OTHER, "", place], n)
+        for name, weights in sorted(state.traffic.items()):
+            label = self._metrics.known_label(name)
+            if label == OTHER:
+                continue
+            for version, weight in sorted(weights.items()):
+                traffic.add_metric([label, str(version)], weight)
+        yield location
+        yield traffic
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "restune_tuner_location",
+                "Tuner versions by where they live: device, host (loaded) or store (current, "
+                "not loaded); 1 per labelled version, a count under task='other'.",
+                labels=["task", "version", "location"],
+            ),
+            GaugeMetricFamily(
+                "restune_tuner_traffic_weight",
+                "Canary weight of each version of a labelled tuner split between versions.",
+                labels=["task", "version"],
+            ),
+        )

@@ -68,6 +68,25 @@ class Settings(BaseSettings):
     """Tuner names never evicted."""
     demo: bool = False
     """Train and register the demo tuners into an empty store on start."""
+    unload_drain_s: float = Field(default=10.0, gt=0, le=600)
+    """How long deleting or evicting a tuner version waits for the requests using it; past it
+    the version is dropped anyway and the wait is reported (log + metric)."""
+
+    # --- tenants (docs/VERSIONS_AND_TENANTS.md) -----------------------------------------
+    tenants_enabled: bool = False
+    """Tuners live in namespaces ``tenant/name`` and every API route needs a scoped token."""
+    tokens_file: str = ""
+    """JSON or TOML file of token sha256 hashes with their scope (admin, writer or reader of
+    one tenant) and per-tenant quota overrides."""
+    tenant_max_tuners: int = Field(default=0, ge=0)
+    """Tuner names one tenant may register (0: no limit); the default tenant when tenants
+    are off."""
+    tenant_max_tuner_bytes: int = Field(default=0, ge=0)
+    """Artifact bytes one tenant may store over all versions (0: no limit)."""
+    tenant_requests_per_s: float = Field(default=0.0, ge=0)
+    """Token-bucket refill rate of one tenant's API requests on this replica (0: no limit)."""
+    tenant_burst: int = Field(default=0, ge=0)
+    """Token-bucket size (0: the rate rounded up, at least 1)."""
 
     # --- batching ----------------------------------------------------------------------
     max_batch_images: int = Field(default=32, gt=0, le=4096)
@@ -99,7 +118,10 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(default=256 * MiB, gt=0)
     """Largest tuner artifact a ``PUT /v1/tuners/{name}`` may upload."""
     max_task_metric_labels: int = Field(default=100, ge=0)
-    """Tasks with a series of their own in ``restune_predictions_total``; the rest: ``other``."""
+    """Tuners with series of their own in the per-tuner metrics; the rest are ``other``."""
+    max_version_metric_labels: int = Field(default=400, ge=0)
+    """(tuner, version) pairs with a series of their own in ``restune_answers_total``; the
+    rest count under ``version="other"``."""
 
     # --- process -----------------------------------------------------------------------
     host: str = "127.0.0.1"

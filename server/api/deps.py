@@ -1,4 +1,5 @@
-"""Dependencies of the routes: the service and settings from ``app.state``, and admin auth."""
+"""Dependencies of the routes: the service, settings and tenancy from ``app.state``, and
+the principal (who is calling) of read and mutating routes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from server.engine.service import InferenceService
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.settings import Settings
+from server.tenancy import ADMIN, ANONYMOUS, Principal, Tenancy
 
 
 def get_service(request: Request) -> InferenceService:
@@ -41,30 +43,74 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="AdminToken",
-    description="`Authorization: Bearer <RESTUNE_ADMIN_TOKEN>`",
+    description="`Authorization: Bearer <token>`: the admin token, or with tenants on a "
+    "writer token of the tuner's tenant",
 )
 
 
-def require_admin(
+def get_tenancy(request: Request) -> Tenancy:
+    """The app's tokens, tenants and quotas."""
+    tenancy: Tenancy = request.app.state.tenancy
+    return tenancy
+
+
+TenancyDep = Annotated[Tenancy, Depends(get_tenancy)]
+
+
+async def require_admin(
     settings: SettingsDep,
+    tenancy: TenancyDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Let the request through only with the configured admin bearer token.
+) -> Principal:
+    """The principal of a mutating route: the admin token, an admin token of the tokens
+    file, or (tenants on) a writer token; the route checks the tuner's tenant.
 
     No token configured: every mutating route is refused (403), never open. Missing token:
-    401 with a Bearer challenge. Wrong token: 403. The comparison takes the same time
-    wherever the tokens differ.
+    401 with a Bearer challenge. Wrong token: 403. Comparisons take the same time wherever
+    the tokens differ. Async on purpose: the tenant's rate bucket is charged on the loop.
     """
-    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+    if not tenancy.issues_tokens:
         raise ApiError(
             "forbidden",
             "admin routes are disabled: set RESTUNE_ADMIN_TOKEN on the server to enable them",
         )
     if credentials is None:
         raise ApiError("unauthorized", "this route needs 'Authorization: Bearer <admin token>'")
-    expected = settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    presented = credentials.credentials
+    if expected and hmac.compare_digest(presented.encode(), expected.encode()):
+        return ADMIN
+    principal = tenancy.authenticate(presented)
+    if principal is None:
         raise ApiError("forbidden", "the bearer token is not the admin token")
+    if principal.scope == "reader":
+        raise ApiError("forbidden", "this token may read, not change tuners")
+    tenancy.charge(principal)
+    return principal
 
 
-AdminDep = Annotated[None, Depends(require_admin)]
+async def require_reader(request: Request, tenancy: TenancyDep) -> Principal:
+    """The principal of a read or inference route.
+
+    Tenants off: anyone (the default tenant; its request rate applies when set). Tenants on:
+    a bearer token of any scope, 401 without one, 403 for one nobody issued; the route
+    checks the tuner's tenant. Not declared as a security scheme: with tenants off these
+    routes are open, and the OpenAPI of a tenant server adds it (``server.app``).
+    """
+    if not tenancy.enabled:
+        tenancy.charge(ANONYMOUS)
+        return ANONYMOUS
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise ApiError("unauthorized", "this route needs 'Authorization: Bearer <token>'")
+    principal = tenancy.authenticate(presented.strip())
+    if principal is None:
+        raise ApiError("forbidden", "the bearer token was not issued by this server")
+    tenancy.charge(principal)
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+"""Mutating routes: the principal allowed to change tuners (check its tenant per name)."""
+ReaderDep = Annotated[Principal, Depends(require_reader)]
+"""Read and inference routes: the caller (check its tenant per name)."""

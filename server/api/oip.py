@@ -18,6 +18,10 @@ Standard clients (``tritonclient.http``, the KServe SDK) work unchanged:
 A plain task name is served by its current version (canary traffic splits apply to
 ``/v1/predict`` only), so every answer names one ``model_version``. Errors use the protocol's
 ``{"error": "..."}`` body with the HTTP status of the project's error code.
+
+With tenants on, a model is ``tenant/name`` (``/v2/models/acme/age/infer``; standard clients
+keep the ``/`` of a model name) and every model and repository route needs a token of that
+tenant (:mod:`server.tenancy`); the repository index lists the caller's tenant only.
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from server.api.deps import ServiceDep, SettingsDep
+from server.api.deps import ReaderDep, ServiceDep, SettingsDep, TenancyDep
 from server.api.oip_codec import (
     HEADER_LENGTH,
     InferInput,
@@ -50,9 +53,11 @@ from server.api.oip_codec import (
     decode_request,
     encode_response,
 )
+from server.api.routing import TunerRoute
 from server.engine.service import InferenceService, TaskRef
 from server.errors import ApiError, status_for
 from server.problems import request_state
+from server.tenancy import Principal, Tenancy
 from tuners_store.config import TunerConfig
 
 log = logging.getLogger("restune.server")
@@ -72,8 +77,11 @@ class OipError(BaseModel):
 
 _STATUS_TEXT = {
     400: "Malformed request (protocol, tensors)",
+    401: "No bearer token (tenants on)",
+    403: "The token's tenant does not own the task",
     404: "Unknown task or version",
     422: "An image could not be decoded",
+    429: "Over the tenant's request rate (Retry-After)",
     500: "Internal error",
     503: "Not ready, overloaded or the store is unavailable (Retry-After)",
     504: "Deadline exceeded",
@@ -90,8 +98,9 @@ def oip_error(message: str, status: int, headers: dict[str, str] | None = None) 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class OipRoute(APIRoute):
-    """Answers failures of these routes in the OIP shape instead of problem+json."""
+class OipRoute(TunerRoute):
+    """Answers failures of these routes in the OIP shape instead of problem+json; its
+    ``{task:tuner}`` is a tuner name of the app's mode (:mod:`server.api.routing`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -233,19 +242,29 @@ async def _metadata(service: InferenceService, task: str, version: str | None) -
     }
 
 
-@router.get("/models/{task}", summary="Model metadata", responses=oip_errors(404, 503))
-async def model_metadata(task: str, service: ServiceDep) -> dict[str, Any]:
+@router.get(
+    "/models/{task:tuner}",
+    summary="Model metadata",
+    responses=oip_errors(401, 403, 404, 429, 503),
+)
+async def model_metadata(
+    task: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> dict[str, Any]:
     """Inputs, outputs and versions of a task."""
+    tenancy.check_read(principal, task)
     return await _metadata(service, task, None)
 
 
 @router.get(
-    "/models/{task}/versions/{version}",
+    "/models/{task:tuner}/versions/{version}",
     summary="Model version metadata",
-    responses=oip_errors(400, 404, 503),
+    responses=oip_errors(400, 401, 403, 404, 429, 503),
 )
-async def model_version_metadata(task: str, version: str, service: ServiceDep) -> dict[str, Any]:
+async def model_version_metadata(
+    task: str, version: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> dict[str, Any]:
     """Inputs, outputs and versions of a pinned task version."""
+    tenancy.check_read(principal, task)
     return await _metadata(service, task, version)
 
 
@@ -262,19 +281,29 @@ async def _ready(service: InferenceService, task: str, version: str | None) -> R
     return JSONResponse({"name": task, "version": str(number), "ready": True})
 
 
-@router.get("/models/{task}/ready", summary="Model readiness", responses=oip_errors(404, 503))
-async def model_ready(task: str, service: ServiceDep) -> Response:
+@router.get(
+    "/models/{task:tuner}/ready",
+    summary="Model readiness",
+    responses=oip_errors(401, 403, 404, 429, 503),
+)
+async def model_ready(
+    task: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> Response:
     """200 when the task's current version is loaded in memory."""
+    tenancy.check_read(principal, task)
     return await _ready(service, task, None)
 
 
 @router.get(
-    "/models/{task}/versions/{version}/ready",
+    "/models/{task:tuner}/versions/{version}/ready",
     summary="Model version readiness",
-    responses=oip_errors(400, 404, 503),
+    responses=oip_errors(400, 401, 403, 404, 429, 503),
 )
-async def model_version_ready(task: str, version: str, service: ServiceDep) -> Response:
+async def model_version_ready(
+    task: str, version: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> Response:
     """200 when that version is loaded in memory."""
+    tenancy.check_read(principal, task)
     return await _ready(service, task, version)
 
 
@@ -423,36 +452,53 @@ async def _infer(
 
 
 @router.post(
-    "/models/{task}/infer",
+    "/models/{task:tuner}/infer",
     summary="Inference",
-    responses=oip_errors(400, 404, 422, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
 )
 async def infer(
-    task: str, request: Request, service: ServiceDep, settings: SettingsDep
+    task: str,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: ReaderDep,
+    tenancy: TenancyDep,
 ) -> Response:
     """Run the task's current version on encoded images or preprocessed pixels."""
+    tenancy.check_read(principal, task)
     return await _infer(request, service, settings.max_top_k, task, None)
 
 
 @router.post(
-    "/models/{task}/versions/{version}/infer",
+    "/models/{task:tuner}/versions/{version}/infer",
     summary="Inference on a version",
-    responses=oip_errors(400, 404, 422, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
 )
 async def infer_version(
-    task: str, version: str, request: Request, service: ServiceDep, settings: SettingsDep
+    task: str,
+    version: str,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: ReaderDep,
+    tenancy: TenancyDep,
 ) -> Response:
     """Run a pinned version of the task."""
+    tenancy.check_read(principal, task)
     return await _infer(request, service, settings.max_top_k, task, version)
 
 
 # --- repository ----------------------------------------------------------------------------
 
 
-async def _index(service: InferenceService, ready_only: bool) -> list[dict[str, Any]]:
+async def _index(
+    service: InferenceService, ready_only: bool, principal: Principal, tenancy: Tenancy
+) -> list[dict[str, Any]]:
     rows = []
     for summary in await service.registry.list_tuners():
         if ready_only and not summary.loaded:
+            continue
+        if not tenancy.visible(principal, summary.info.name):
             continue
         rows.append(
             {
@@ -465,14 +511,27 @@ async def _index(service: InferenceService, ready_only: bool) -> list[dict[str, 
     return rows
 
 
-@router.get("/repository/index", summary="Model repository index")
-async def repository_index_get(service: ServiceDep) -> list[dict[str, Any]]:
-    """Every task with its current version and whether it is loaded."""
-    return await _index(service, False)
+@router.get(
+    "/repository/index",
+    summary="Model repository index",
+    responses=oip_errors(401, 403, 429),
+)
+async def repository_index_get(
+    service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> list[dict[str, Any]]:
+    """Every task (of the caller's tenant) with its current version and whether it is
+    loaded."""
+    return await _index(service, False, principal, tenancy)
 
 
-@router.post("/repository/index", summary="Model repository index", responses=oip_errors(400))
-async def repository_index(request: Request, service: ServiceDep) -> list[dict[str, Any]]:
+@router.post(
+    "/repository/index",
+    summary="Model repository index",
+    responses=oip_errors(400, 401, 403, 429),
+)
+async def repository_index(
+    request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> list[dict[str, Any]]:
     """Like the GET; ``{"ready": true}`` lists loaded tasks only."""
     raw = await request.body()
     ready_only = False
@@ -482,7 +541,7 @@ async def repository_index(request: Request, service: ServiceDep) -> list[dict[s
         except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
             raise OipCodecError(f"request JSON is invalid: {exc}") from None
         ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
-    return await _index(service, ready_only)
+    return await _index(service, ready_only, principal, tenancy)
 
 
 async def _load_parameters(request: Request) -> dict[str, Any]:
@@ -498,12 +557,15 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
 
 
 @router.post(
-    "/repository/models/{task}/load",
+    "/repository/models/{task:tuner}/load",
     summary="Load a model",
-    responses=oip_errors(400, 404, 500, 503),
+    responses=oip_errors(400, 401, 403, 404, 429, 500, 503),
 )
-async def load_model(task: str, request: Request, service: ServiceDep) -> Response:
+async def load_model(
+    task: str, request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> Response:
     """Make the task's current version resident in memory."""
+    tenancy.check_read(principal, task)
     params = await _load_parameters(request)
     if "config" in params or any(k.startswith("file:") for k in params):
         raise OipCodecError("config and file overrides are not supported: PUT an artifact")
@@ -512,12 +574,15 @@ async def load_model(task: str, request: Request, service: ServiceDep) -> Respon
 
 
 @router.post(
-    "/repository/models/{task}/unload",
+    "/repository/models/{task:tuner}/unload",
     summary="Unload a model",
-    responses=oip_errors(400, 404, 503),
+    responses=oip_errors(400, 401, 403, 404, 429, 503),
 )
-async def unload_model(task: str, request: Request, service: ServiceDep) -> Response:
+async def unload_model(
+    task: str, request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> Response:
     """Evict every loaded version of the task from memory; it stays registered."""
+    tenancy.check_read(principal, task)
     await _load_parameters(request)
     await service.registry.describe(task)  # 404 for an unknown task
     service.registry.unload(task)

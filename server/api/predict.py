@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.deps import ServiceDep, SettingsDep
+from server.api.deps import ReaderDep, ServiceDep, SettingsDep, TenancyDep
 from server.api.predict_input import FORM_FIELDS, PredictLimits, read_json, read_multipart
 from server.api.schemas import (
     PredictJsonRequest,
@@ -59,16 +59,23 @@ _REQUEST_BODY: dict[str, Any] = {
     "/v1/predict",
     summary="Run several tasks on one or more images",
     response_model=PredictResponse,
-    responses=problem_responses(404, 413, 415, 422, 429, 503, 504),
+    responses=problem_responses(401, 403, 404, 413, 415, 422, 429, 503, 504),
     openapi_extra=_REQUEST_BODY,
 )
-async def predict(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: ReaderDep,
+    tenancy: TenancyDep,
+) -> Response:
     """One backbone pass per batch, every named task answered from its features.
 
     Send ``multipart/form-data`` (repeated ``image`` files, ``tasks=a,b`` or repeated
     ``task``, ``top_k``) or JSON ``{"images": [{"b64": ...}], "tasks": [...], "top_k": 5}``.
     ``name@version`` pins a version. A task that fails while running gets an ``error`` entry
-    and the others still answer.
+    and the others still answer. With tenants on, tasks are ``tenant/name`` of the token's
+    tenant.
     """
     limits = PredictLimits.from_settings(settings)
     content_type = request.headers.get("content-type", "")
@@ -88,5 +95,7 @@ async def predict(request: Request, service: ServiceDep, settings: SettingsDep) 
             f"send multipart/form-data or application/json, not {media_type or 'no type'}",
         )
     tasks = [TaskRef.parse(name) for name in parsed.tasks]
+    for ref in tasks:
+        tenancy.check_read(principal, ref.name)
     result = await service.predict(parsed.images, tasks, parsed.top_k)
     return JSONResponse(result)

@@ -6,11 +6,12 @@ publishes and what the tests hold the engine's output to.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from server.problems import PROBLEM_MEDIA_TYPE
+from tuners_store.base import MAX_TRAFFIC_VERSIONS
 
 TaskKind = Literal["classification", "multilabel", "regression", "embedding"]
 
@@ -37,7 +38,7 @@ _STATUS_TEXT = {
     413: "A size limit was exceeded (`payload_too_large`, `too_many_images`, ...)",
     415: "Unsupported Content-Type (`unsupported_media_type`)",
     422: "Invalid request (`validation_error`, `bad_image`, ...)",
-    429: "Quota or rate limit (`rate_limited`); see Retry-After",
+    429: "Over a tenant quota or rate (`quota_exceeded`, `rate_limited`); see Retry-After",
     500: "Internal error (`internal`)",
     503: "Overloaded or store unavailable; see Retry-After",
     504: "Request deadline exceeded (`deadline_exceeded`)",
@@ -227,6 +228,15 @@ class VersionOut(BaseModel):
     size: int
     created_at: str
     loaded: bool = False
+    answers: int = Field(
+        default=0, description="Per-image answers this version gave on this replica"
+    )
+
+
+TRAFFIC_DESCRIPTION = (
+    "Weight per version (keys are version numbers): each image goes to one version, chosen "
+    "by its pixel hash, with probability weight / sum of weights"
+)
 
 
 class TunerDetail(TunerSummary):
@@ -234,9 +244,30 @@ class TunerDetail(TunerSummary):
 
     config: dict[str, Any] | None = Field(description="The full TunerConfig of the artifact")
     versions: list[VersionOut]
-    traffic: dict[str, int] = Field(
-        default_factory=dict, description="Percent of requests per version (canary split)"
+    traffic: dict[str, int] = Field(default_factory=dict, description=TRAFFIC_DESCRIPTION)
+
+
+class TrafficIn(BaseModel):
+    """``PUT /v1/tuners/{name}/traffic``: integer weights >= 0 for up to 16 versions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    traffic: dict[Annotated[int, Field(ge=1)], Annotated[StrictInt, Field(ge=0)]] = Field(
+        min_length=1,
+        max_length=MAX_TRAFFIC_VERSIONS,
+        description=TRAFFIC_DESCRIPTION + '; e.g. {"3": 90, "4": 10}, or {"3": 100} to roll '
+        "back to version 3 (it becomes current)",
     )
+
+
+class TrafficOut(BaseModel):
+    """The split in effect after a change (or now)."""
+
+    name: str
+    current: int = Field(
+        description="The current version (what pinned-less requests get without a split)"
+    )
+    traffic: dict[str, int] = Field(description=TRAFFIC_DESCRIPTION)
 
 
 class Registered(BaseModel):

@@ -83,15 +83,39 @@ class _Task:
     rows: list[int] = field(default_factory=list)
 
 
+RETIRED_KEYS_KEPT = 4096
+"""Unloaded tuner versions the group cache remembers, so a batch still running on one does
+not put a group holding it back into the cache."""
+
+
 class _GroupCache:
-    """LRU of built stacked groups, bounded by the bytes their stacked copies hold."""
+    """LRU of built stacked groups, bounded by the bytes their stacked copies hold.
+
+    Keys are the members' (name, version, sha256), so a group never outlives new weights.
+    """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self._groups: OrderedDict[frozenset[TunerKey], tuple[StackedGroup, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._retired: OrderedDict[TunerKey, None] = OrderedDict()
         self.builds = 0
+
+    def drop(self, key: TunerKey) -> int:
+        """Forget every group holding tuner ``key`` (it was unloaded); returns how many.
+
+        Loop groups hold the modules themselves and weigh 0 bytes, so without this they
+        would keep unloaded tuners alive for good.
+        """
+        with self._lock:
+            self._retired[key] = None
+            while len(self._retired) > RETIRED_KEYS_KEPT:
+                self._retired.popitem(last=False)
+            doomed = [k for k in self._groups if key in k]
+            for k in doomed:
+                self._bytes -= self._groups.pop(k)[1]
+            return len(doomed)
 
     def get(self, tuners: Sequence[LoadedTuner]) -> StackedGroup:
         key = frozenset(t.key for t in tuners)
@@ -105,7 +129,8 @@ class _GroupCache:
         size = sum(t.nbytes for t in tuners) if group.strategy == "stacked" else 0
         with self._lock:
             self.builds += 1
-            if size <= self.capacity_bytes and key not in self._groups:
+            retired = any(k in self._retired for k in key)
+            if size <= self.capacity_bytes and key not in self._groups and not retired:
                 self._groups[key] = (group, size)
                 self._bytes += size
                 while self._bytes > self.capacity_bytes:
@@ -134,6 +159,10 @@ class Engine:
         self.metrics = metrics
         self.tuner_device = torch.device(tuner_device)
         self.groups = _GroupCache(group_cache_bytes)
+
+    def forget_tuner(self, tuner: LoadedTuner) -> None:
+        """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)."""
+        self.groups.drop(tuner.key)
 
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item; a task that fails gets a per-task error, others answer."""

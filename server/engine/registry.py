@@ -14,6 +14,15 @@ Consistency rules:
 - Every delete bumps the name's generation; a load that started before it sees the change
   when it finishes and discards its result, so a delete is never undone by a racing load.
 - If the store is unreachable, what is loaded keeps serving; registration answers 503.
+- Concurrent uploads of identical bytes to one name share one registration (one validation,
+  one load); all but the first answer "unchanged".
+- Unloading a version (delete, eviction, a newer version swapped in) takes it out of the
+  loaded set at once, then waits (bounded by ``unload_drain_s``) for the requests leasing it
+  (:mod:`server.engine.leases`) before telling listeners (the engine's group cache) to let go
+  of it; past the bound it reports and lets go anyway.
+- Canary weights are mirrored per name; the versions of a split are loaded before the split
+  takes effect, and a split giving one version all the weight is a rollback: that version
+  becomes current.
 """
 
 from __future__ import annotations
@@ -24,20 +33,22 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from restuning.artifact_io import load_task
+from server.engine.leases import Leases, LeaseSet
 from server.engine.loaded_tuner import LoadedTuner, module_nbytes
 from server.engine.runtime import Backbone
 from server.errors import ApiError
-from server.metrics import Metrics
+from server.metrics import Location, Metrics, TunerState
 from server.settings import Settings
 from tuners_store import (
     InvalidName,
+    InvalidTraffic,
     StoreError,
     StoreEvent,
     StoreUnavailable,
@@ -47,6 +58,7 @@ from tuners_store import (
     VersionNotFound,
 )
 from tuners_store.artifact import ArtifactError, read_header, validate_artifact
+from tuners_store.base import check_traffic
 from tuners_store.config import TunerConfig, parameter_count
 from tuners_store.names import validate_qualified_name
 
@@ -58,6 +70,19 @@ WATCH_BACKOFF_S = (0.2, 10.0)
 """First and longest wait before re-subscribing to a watch that failed."""
 
 VersionKey = tuple[str, int]
+HASH_IN_THREAD_BYTES = 1024 * 1024
+"""Uploads at least this large are hashed off the event loop."""
+UnloadListener = Callable[[LoadedTuner], None]
+"""Told when an unloaded version is no longer used by any request (or the drain gave up)."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a set of names holds in the store."""
+
+    tuners: int
+    bytes: int
+    """Artifact bytes over every stored version (0 when not asked for)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,8 @@ class TunerDetail:
     versions: list[VersionInfo]
     loaded_versions: frozenset[int]
     traffic: dict[int, int]
+    answers: dict[int, int] = field(default_factory=dict)
+    """Per-image answers each version gave on this replica since it started."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body."""
@@ -105,7 +132,12 @@ class TunerDetail:
             self.summary.config.model_dump(mode="json") if self.summary.config else None
         )
         body["versions"] = [
-            {**v.to_dict(), "loaded": v.version in self.loaded_versions} for v in self.versions
+            {
+                **v.to_dict(),
+                "loaded": v.version in self.loaded_versions,
+                "answers": self.answers.get(v.version, 0),
+            }
+            for v in self.versions
         ]
         body["traffic"] = {str(k): w for k, w in self.traffic.items()}
         return body
@@ -164,6 +196,13 @@ class TunerRegistry:
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self.store_ok = True
+        self.leases = Leases()
+        """Requests using each loaded version (unloading waits for them)."""
+        self._retiring: dict[LoadedTuner, asyncio.Task[bool]] = {}
+        self._unload_listeners: list[UnloadListener] = []
+        self._registering: dict[tuple[str, str], asyncio.Future[tuple[VersionInfo, bool]]] = {}
+        """In-flight registrations by (name, sha256): identical concurrent uploads join one."""
+        self._answers: dict[VersionKey, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,7 +223,11 @@ class TunerRegistry:
     async def stop(self) -> None:
         """Stop following the store and finish nothing in the background."""
         self._closed = True
-        tasks = [*self._background, *([self._watch_task] if self._watch_task else [])]
+        tasks = [
+            *self._background,
+            *self._retiring.values(),
+            *([self._watch_task] if self._watch_task else []),
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -206,11 +249,17 @@ class TunerRegistry:
         return name in self._traffic
 
     async def resolve(
-        self, name: str, version: int | None = None, image_digest: str | None = None
+        self,
+        name: str,
+        version: int | None = None,
+        image_digest: str | None = None,
+        lease: LeaseSet | None = None,
     ) -> LoadedTuner:
         """The loaded tuner a request for ``name`` (``@version``) gets, loading it if needed.
 
-        Raises ``unknown_task`` / ``unknown_version`` (404) or ``tuner_load_failed``.
+        ``lease``: the request's leases; the tuner is leased before this returns, so an unload
+        that starts afterwards waits for the request. Raises ``unknown_task`` /
+        ``unknown_version`` (404) or ``tuner_load_failed``.
         """
         info = self._index.get(name)
         if info is None:
@@ -220,11 +269,18 @@ class TunerRegistry:
             weights = self._traffic.get(name)
             if weights and image_digest is not None:
                 version = pick_version(name, weights, image_digest)
-        found = self._loaded.get((name, version))
-        if found is not None:
-            self._loaded.move_to_end((name, version))
-            return found
-        return await self._load(name, version)
+        key = (name, version)
+        found = self._loaded.get(key)
+        if found is not None and version == info.version and found.sha256 != info.sha256:
+            # The store records other bytes under this number (it was replaced): the old
+            # weights must never answer.
+            self._unload(key)
+            found = None
+        if found is None:
+            found = await self._load(name, version)
+        else:
+            self._loaded.move_to_end(key)
+        return found if lease is None else lease.add(found)
 
     async def _discover(self, name: str) -> VersionInfo:
         """A name missing from the index: ask the store once (its event may still be coming)."""
@@ -338,20 +394,64 @@ class TunerRegistry:
                 self.metrics.tuners_evicted.inc()
             log.info("evicted tuner %s v%d (memory budget %d bytes)", *key, self.memory_budget)
 
-    def _unload(self, key: VersionKey) -> None:
+    def _unload(self, key: VersionKey) -> asyncio.Task[bool] | None:
+        """Take a version out of the loaded set now; its drain runs in the background."""
         loaded = self._loaded.pop(key, None)
-        if loaded is not None:
-            self._loaded_bytes -= loaded.nbytes
+        if loaded is None:
+            return None
+        self._loaded_bytes -= loaded.nbytes
+        task = self._retiring.get(loaded)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._retire(loaded), name=f"restune-retire-{loaded.name}-v{loaded.version}"
+            )
+            self._retiring[loaded] = task
+        return task
+
+    async def _retire(self, loaded: LoadedTuner) -> bool:
+        """Wait (bounded) for the requests using an unloaded version, then let go of it.
+
+        Returns whether it drained; False means the bound passed with requests still holding
+        it (they finish on the module they hold, which is freed with them).
+        """
+        bound = self.settings.unload_drain_s
+        try:
+            drained = await self.leases.wait_idle(loaded, bound)
+            if not drained:
+                log.warning(
+                    "unloading tuner %s v%d: %d request(s) still used it after %.1fs; "
+                    "unloaded anyway",
+                    loaded.name,
+                    loaded.version,
+                    self.leases.in_use(loaded),
+                    bound,
+                )
+                if self.metrics is not None:
+                    self.metrics.unload_drain_timeouts.inc()
+            for listener in self._unload_listeners:
+                listener(loaded)
+            return drained
+        finally:
+            self._retiring.pop(loaded, None)
+
+    def add_unload_listener(self, listener: UnloadListener) -> None:
+        """Call ``listener`` with every version once it is unloaded and drained."""
+        self._unload_listeners.append(listener)
 
     def unload(self, name: str) -> int:
         """Drop every loaded version of ``name`` from memory (it stays registered and loads
-        again on its next request); returns how many were dropped. In-flight batches keep
-        the modules they hold."""
+        again on its next request); returns how many were dropped. Requests using them
+        finish on them; the memory goes once they are done."""
         keys = [k for k in self._loaded if k[0] == name]
         for key in keys:
             self._unload(key)
         self._report()
         return len(keys)
+
+    async def drained(self) -> None:
+        """Wait for every unload in progress to finish draining (tests, shutdown)."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring.values()), return_exceptions=True)
 
     def is_loaded(self, name: str, version: int) -> bool:
         return (name, version) in self._loaded
@@ -366,7 +466,9 @@ class TunerRegistry:
         """Validate and store an artifact as the new current version of ``name``, and load it.
 
         Returns (version info, created); ``created`` is False when identical bytes already
-        were a version of ``name`` (that version is current again).
+        were a version of ``name`` (that version is current again). Uploads of identical
+        bytes to one name while one is in progress wait for it and share its outcome: one
+        validation, one version, one load.
         """
         # The name first: a bad one ("..", "A", 65 characters) is the caller's real mistake,
         # and a valid artifact would otherwise be answered "upload it under its own name".
@@ -375,6 +477,27 @@ class TunerRegistry:
         except InvalidName as exc:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
+        key = (name, await sha256_of(data))
+        flight = self._registering.get(key)
+        if flight is not None:
+            info, _ = await asyncio.shield(flight)
+            self._count_registration("unchanged")
+            return info, False
+        flight = asyncio.ensure_future(self._register(name, data))
+        self._registering[key] = flight
+        flight.add_done_callback(lambda done: self._flight_done(key, done))
+        # Shielded: a client that hangs up must not cancel the registration others wait on.
+        return await asyncio.shield(flight)
+
+    def _flight_done(
+        self, key: tuple[str, str], done: asyncio.Future[tuple[VersionInfo, bool]]
+    ) -> None:
+        self._registering.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: a failure nobody waits for any more is not logged
+
+    async def _register(self, name: str, data: bytes) -> tuple[VersionInfo, bool]:
+        """One registration (see :meth:`register`); the name is already valid."""
         try:
             header = await asyncio.to_thread(
                 validate_artifact,
@@ -416,8 +539,12 @@ class TunerRegistry:
         )
         return result.info, result.created
 
-    async def delete(self, name: str) -> None:
-        """Remove ``name`` from the store and from memory."""
+    async def delete(self, name: str) -> bool:
+        """Remove ``name`` from the store and from memory.
+
+        Returns once the requests using its loaded versions are done, or ``unload_drain_s``
+        passed (then False, and the wait is logged and counted).
+        """
         async with self._lock(name):
             try:
                 await self.store.delete(name)
@@ -425,11 +552,15 @@ class TunerRegistry:
                 raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
             except StoreError as exc:
                 raise self._store_error(exc, name) from exc
-            self._forget(name)
+            retiring = self._forget(name)
+        drained = all(await asyncio.gather(*retiring)) if retiring else True
         log.info("deleted tuner %s", name)
+        return drained
 
     async def set_current(self, name: str, version: int) -> VersionInfo:
-        """Make an existing version current (rollback); loads it first."""
+        """Make an existing version current (rollback); it is loaded first, so no request
+        waits for it."""
+        await self._load(name, version)
         try:
             info = await self.store.set_current(name, version)
         except (TunerNotFound, InvalidName):
@@ -440,9 +571,76 @@ class TunerRegistry:
             ) from None
         except StoreError as exc:
             raise self._store_error(exc, name) from exc
-        await self._load(name, version)
         self._swap(name, info, ours=True)
         return info
+
+    def traffic(self, name: str) -> dict[int, int]:
+        """The weights requests for plain ``name`` are split by on this replica
+        (``{current: 100}`` without a split)."""
+        weights = self._traffic.get(name)
+        if weights is not None:
+            return dict(weights)
+        info = self._index.get(name)
+        if info is None:
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name)
+        return {info.version: 100}
+
+    async def current_or_404(self, name: str) -> VersionInfo:
+        """The current version of ``name``; asks the store once if it is not mirrored yet."""
+        info = self._index.get(name)
+        if info is not None:
+            return info
+        try:
+            return await self._discover(name)
+        except ApiError:
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+
+    async def set_traffic(self, name: str, weights: Mapping[int, int]) -> dict[int, int]:
+        """Split requests for plain ``name`` between versions by integer weights.
+
+        Every version with weight > 0 is loaded first. One version with all the weight is a
+        rollback (or roll-forward): it becomes current and the split is cleared. Returns the
+        weights in effect. Raises ``invalid_traffic`` (422) for unknown versions, negative
+        weights or a zero sum.
+        """
+        await self.current_or_404(name)
+        try:
+            versions = {v.version for v in await self.store.versions(name)}
+        except (TunerNotFound, InvalidName):
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+        except StoreError as exc:
+            raise self._store_error(exc, name) from exc
+        try:
+            clean = check_traffic(name, weights, versions)
+        except InvalidTraffic as exc:
+            raise ApiError(exc.code, exc.message, task=name) from exc
+        live = [v for v, w in clean.items() if w > 0]
+        if len(live) == 1:
+            info = await self.set_current(name, live[0])
+            log.info("tuner %s: all traffic to v%d (now current)", name, info.version)
+            return {info.version: 100}
+        for version in live:
+            await self._load(name, version)
+        try:
+            stored = await self.store.set_traffic(name, clean)
+        except (TunerNotFound, InvalidName):
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+        except StoreError as exc:
+            raise self._store_error(exc, name) from exc
+        self._install_traffic(name, stored)
+        log.info("tuner %s traffic now %s", name, stored)
+        return self.traffic(name)
+
+    def _install_traffic(self, name: str, weights: Mapping[int, int]) -> None:
+        """Serve ``weights`` for ``name`` (a split only where it differs from "all current");
+        traffic reads started before this one are stale."""
+        self._traffic_reads[name] = self._traffic_reads.get(name, 0) + 1
+        current = self._index.get(name)
+        live = {v: w for v, w in sorted(weights.items()) if w > 0}
+        if current is None or not live or set(live) == {current.version}:
+            self._traffic.pop(name, None)
+        else:
+            self._traffic[name] = live
 
     async def list_tuners(self) -> list[TunerSummary]:
         """Every registered tuner's current version, by name."""
@@ -472,9 +670,56 @@ class TunerRegistry:
         config = await self._config_of(info)
         loaded = frozenset(v for (n, v) in self._loaded if n == name)
         traffic = self._traffic.get(name, {info.version: 100})
+        answers = {v: n for (owner, v), n in self._answers.items() if owner == name}
         return TunerDetail(
-            TunerSummary(info, config, info.version in loaded), versions, loaded, traffic
+            TunerSummary(info, config, info.version in loaded), versions, loaded, traffic, answers
         )
+
+    def count_answers(self, counts: Mapping[VersionKey, int]) -> None:
+        """Add per-image answers given by each (name, version) (shown by :meth:`describe`)."""
+        for key, n in counts.items():
+            if key[0] in self._index:
+                self._answers[key] = self._answers.get(key, 0) + n
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Registered names starting with ``prefix`` (a tenant's start with ``"tenant/"``)."""
+        return [n for n in self._index if n.startswith(prefix)]
+
+    async def usage(self, prefix: str = "", *, with_bytes: bool = False) -> Usage:
+        """How many names start with ``prefix`` and (if asked) their bytes over all versions."""
+        names = self.names(prefix)
+        total = 0
+        if with_bytes:
+            for name in names:
+                try:
+                    total += sum(v.size for v in await self.store.versions(name))
+                except TunerNotFound:
+                    continue  # deleted meanwhile
+                except StoreError as exc:
+                    raise self._store_error(exc, name) from exc
+        return Usage(len(names), total)
+
+    async def stored_version(self, name: str, digest: str) -> VersionInfo | None:
+        """The version of ``name`` whose artifact has sha256 ``digest``, if any."""
+        try:
+            versions = await self.store.versions(name)
+        except (TunerNotFound, InvalidName):
+            return None
+        except StoreError as exc:
+            raise self._store_error(exc, name) from exc
+        return next((v for v in versions if v.sha256 == digest), None)
+
+    def tuner_state(self) -> TunerState:
+        """Where every loaded version lives and the canary weights (for the metrics)."""
+        where: Location = "host" if self.tuner_device.type == "cpu" else "device"
+        placements: list[tuple[str, int, Location]] = [(n, v, where) for (n, v) in self._loaded]
+        placements.extend(
+            (name, info.version, "store")
+            for name, info in list(self._index.items())
+            if (name, info.version) not in self._loaded
+        )
+        traffic = {n: dict(w) for n, w in self._traffic.items()}
+        return TunerState(placements, traffic)
 
     async def _config_of(self, info: VersionInfo) -> TunerConfig | None:
         cached = self._configs.get(info.name)
@@ -522,19 +767,23 @@ class TunerRegistry:
             self._unload((name, previous.version))
             self._report()
 
-    def _forget(self, name: str) -> None:
-        """``name`` is gone: bump its generation and drop everything about it."""
+    def _forget(self, name: str) -> list[asyncio.Task[bool]]:
+        """``name`` is gone: bump its generation and drop everything about it. Returns the
+        drains of its loaded versions."""
         self._generation[name] = self._generation.get(name, 0) + 1
         self._change[name] = self._change.get(name, 0) + 1
         self._index.pop(name, None)
         self._traffic.pop(name, None)
+        self._traffic_reads[name] = self._traffic_reads.get(name, 0) + 1  # reads in flight: stale
         self._configs.pop(name, None)
-        for key in [k for k in self._loaded if k[0] == name]:
-            self._unload(key)
+        for key in [k for k in self._answers if k[0] == name]:
+            del self._answers[key]
+        retiring = [self._unload(key) for key in [k for k in self._loaded if k[0] == name]]
         lock = self._locks.get(name)
         if lock is not None and not lock.locked():
             del self._locks[name]
         self._report()
+        return [task for task in retiring if task is not None]
 
     async def _watch_loop(self) -> None:
         delay = WATCH_BACKOFF_S[0]
@@ -585,7 +834,11 @@ class TunerRegistry:
             self._forget(name)
         for name, info in snapshot.items():
             mine = self._index.get(name)
-            if mine is None:
+            if mine is not None and mine.version == info.version and mine.sha256 != info.sha256:
+                # Same number, other bytes (the store was replaced): drop the old weights.
+                self._unload((name, mine.version))
+                self._set_current(name, info)
+            elif mine is None:
                 self._set_current(name, info)
             elif mine.version != info.version or mine.sha256 != info.sha256:
                 if self.is_loaded(name, mine.version):
@@ -625,23 +878,28 @@ class TunerRegistry:
             log.info("now serving tuner %s v%d", name, loaded.version)
 
     async def _refresh_traffic(self, name: str) -> None:
-        """Mirror ``name``'s canary weights; only real splits are kept."""
+        """Mirror ``name``'s canary weights (set by any replica): the versions of a split are
+        loaded first, then it takes effect, unless a later read or change came meanwhile."""
         seq = self._traffic_reads[name] = self._traffic_reads.get(name, 0) + 1
         try:
             weights = await self.store.get_traffic(name)
         except StoreError as exc:
             log.info("traffic of %s unavailable: %s", name, exc)
             return
-        if self._traffic_reads.get(name) != seq:
-            return  # a later read is under way; it has the fresher answer
-        live = {v: w for v, w in weights.items() if w > 0}
         current = self._index.get(name)
-        if current is None:
-            return
-        if len(live) <= 1:
-            self._traffic.pop(name, None)
-        else:
-            self._traffic[name] = dict(sorted(live.items()))
+        if self._traffic_reads.get(name) != seq or current is None:
+            return  # a later read is under way (it has the fresher answer), or name is gone
+        live = [v for v, w in weights.items() if w > 0]
+        if live != [current.version]:
+            for version in live:
+                try:
+                    await self._load(name, version)
+                except ApiError as exc:
+                    # Requests that pick it get a per-task error naming the failure.
+                    log.warning("preloading %s v%d for a split failed: %s", name, version, exc)
+            if self._traffic_reads.get(name) != seq:
+                return
+        self._install_traffic(name, weights)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -677,3 +935,10 @@ class TunerRegistry:
     def loaded_tuners(self) -> Iterable[LoadedTuner]:
         """Loaded versions, least recently used first."""
         return list(self._loaded.values())
+
+
+async def sha256_of(data: bytes) -> str:
+    """Hex sha256 of ``data``; large uploads are hashed in a thread (the loop keeps serving)."""
+    if len(data) >= HASH_IN_THREAD_BYTES:
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+    return hashlib.sha256(data).hexdigest()

@@ -33,8 +33,12 @@ access_log = logging.getLogger("restune.access")
 
 
 def route_template(scope: Scope) -> str:
-    """The path template of the route that handled the request, or ``unmatched``."""
-    path = getattr(scope.get("route"), "path", None)
+    """The path template of the route that handled the request, or ``unmatched``.
+
+    Without parameter types: ``/v1/tuners/{name}``, not ``/v1/tuners/{name:tuner}``.
+    """
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str):
         return UNMATCHED
     return path or "/"
