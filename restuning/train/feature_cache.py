@@ -78,7 +78,8 @@ def namespace_of(backbone: FeatureBackbone, spec: FeatureSpec) -> dict[str, obje
         "preprocess": dataclasses.asdict(backbone.data_config),
         "layers": list(spec.layers),
         "tokens": spec.tokens,
-        "dtype": "float32",
+        # Features computed in bf16 on a GPU differ from float32 ones; stored as float32 always.
+        "compute_dtype": str(getattr(backbone, "dtype", "float32")).removeprefix("torch."),
     }
 
 
