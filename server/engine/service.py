@@ -19,8 +19,10 @@ import torch
 from restuning.preprocess import preprocess
 from server.engine.batcher import Completed, MicroBatcher
 from server.engine.decode import decode_image, pixel_digest
+from server.engine.decode_gpu import GpuImageDecoder, build_gpu_decoder
 from server.engine.engine import Answer, BatchItem, Engine, task_error
 from server.engine.feature_cache import FeatureCache
+from server.engine.gpu_engine import build_engine
 from server.engine.loaded_tuner import LoadedTuner
 from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
 from server.engine.runtime import Backbone, load_backbone_runtime
@@ -95,6 +97,7 @@ class InferenceService:
         self._backbone = backbone
         self._store = store
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._gpu_decoder: GpuImageDecoder | None = None
         self.started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -107,13 +110,9 @@ class InferenceService:
         if self._store is None:
             self._store = open_store(s.store)
         self.cache = FeatureCache(s.feature_cache_bytes, self.metrics)
-        self.engine = Engine(
-            self._backbone,
-            self.cache,
-            self.metrics,
-            tuner_device=s.device,
-            group_cache_bytes=s.tuner_memory_bytes,
-        )
+        # On CUDA (torch runtime): bf16, CUDA graph plans, JPEGs decoded on the GPU.
+        self.engine = build_engine(s, self._backbone, self.cache, self.metrics)
+        self._gpu_decoder = build_gpu_decoder(s, self._backbone.data_config)
         self.registry = TunerRegistry(
             self._store, self._backbone, s, self.metrics, tuner_device=s.device
         )
@@ -260,6 +259,9 @@ class InferenceService:
     async def _decode_all(self, images: list[bytes]) -> list[_Prepared]:
         """Decode + preprocess every image in the decode pool; the first bad one fails all."""
         loop = asyncio.get_running_loop()
+        if self._gpu_decoder is not None:
+            # JPEGs in one batch on the GPU, limits checked first: one pool call per request.
+            return await loop.run_in_executor(self._decode_pool, self._gpu_decoder.prepare, images)
         results = await asyncio.gather(
             *(
                 loop.run_in_executor(self._decode_pool, self._prepare, data, index)
