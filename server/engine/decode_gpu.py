@@ -29,6 +29,7 @@ from restuning.preprocess import _resized_size, preprocess
 from restuning.presets import DataConfig
 from server.engine.decode import decode_image, open_checked, pixel_digest
 from server.errors import ApiError
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,15 @@ def _torchvision_io() -> Any:
     except ImportError as exc:  # gpu_decode_available() said otherwise: a broken install
         raise ApiError("internal", f"torchvision is not importable: {exc}") from exc
     return io
+
+
+def build_gpu_decoder(settings: Settings, data_config: DataConfig) -> GpuImageDecoder | None:
+    """A GPU decoder for a torch runtime on CUDA with torchvision present, else ``None``."""
+    if settings.runtime != "torch" or not gpu_decode_available(settings.device):
+        return None
+    return GpuImageDecoder(
+        data_config,
+        settings.device,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+    )
