@@ -49,7 +49,7 @@ from server.engine.engine import (
     _Task,
 )
 from server.engine.feature_cache import FeatureCache
-from server.engine.loaded_tuner import TunerKey
+from server.engine.loaded_tuner import LoadedTuner, TunerKey
 from server.engine.runtime import Backbone, TorchRuntime
 from server.metrics import Metrics
 from server.settings import Settings
@@ -112,6 +112,11 @@ class GpuEngine(Engine):
         """Stop the plan builder (captures in progress finish first)."""
         if self._builder is not None:
             self._builder.shutdown(wait=True, cancel_futures=True)
+
+    def forget_tuner(self, tuner: LoadedTuner) -> None:
+        """``tuner`` was unloaded (and drained): its groups and every plan holding it go."""
+        super().forget_tuner(tuner)
+        self.graphs.forget(tuner.key)
 
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item, from a graph plan when there is one, else eagerly."""

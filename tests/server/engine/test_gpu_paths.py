@@ -652,3 +652,14 @@ def test_gpu_decoder_decodes_jpegs_on_the_device(tiny_backbone: TorchBackbone) -
         # nvJPEG's IDCT and upsampling differ from libjpeg's by a few levels.
         assert (pixels.cpu() - host).abs().mean().item() <= 0.05
     assert out[0][1] == jpeg_digest(images[0])
+
+
+def test_unloading_a_tuner_drops_its_plans(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    gpu = _gpu_engine(runtime, tiny_backbone)
+    gpu.run_batch(_items(tiny_backbone, [(0, [tuners["cls_a"], tuners["cls_b"]])]))
+    gpu.run_batch(_items(tiny_backbone, [(1, [tuners["mean_r"]])]))
+    assert len(gpu.graphs) == 2
+    gpu.forget_tuner(tuners["cls_a"])  # what the registry's unload listener calls
+    assert [k.uses("mean_r") for k in gpu.graphs.keys()] == [True]  # noqa: SIM118
