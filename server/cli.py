@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.settings import Settings
+from server.tenancy import Tenancy
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -79,6 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
     the server inside a program of your own)."""
     try:
         settings = settings_from_args(args)
+        Tenancy.from_settings(settings)  # a bad tokens file is a settings error too
     except (ValidationError, OSError, ValueError) as exc:
         print(f"restune serve: invalid settings: {exc}", file=sys.stderr)
         return EXIT_CONFIG

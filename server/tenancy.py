@@ -297,10 +297,10 @@ class Tenancy:
 
     def check_read(self, principal: Principal, name: str) -> None:
         """Refuse (403) reading or invoking ``name`` with ``principal``'s token."""
-        if not self.enabled or principal.is_admin:
+        if not self.enabled:
             return
         tenant = self._qualified(name)
-        if tenant != principal.tenant:
+        if not principal.is_admin and tenant != principal.tenant:
             raise ApiError(
                 "forbidden",
                 f"a token of tenant {principal.tenant!r} cannot use tenant {tenant!r}'s tuners",
@@ -310,8 +310,7 @@ class Tenancy:
     def check_write(self, principal: Principal, name: str) -> None:
         """Refuse (403) registering, deleting or re-routing ``name`` with ``principal``."""
         if principal.is_admin:
-            if self.enabled:
-                self._qualified(name)
+            self.check_read(principal, name)
             return
         if principal.scope != "writer":
             raise ApiError("forbidden", "this token may read, not change tuners", task=name)

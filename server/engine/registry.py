@@ -60,7 +60,7 @@ from tuners_store import (
 from tuners_store.artifact import ArtifactError, read_header, validate_artifact
 from tuners_store.base import check_traffic
 from tuners_store.config import TunerConfig, parameter_count
-from tuners_store.names import validate_qualified_name
+from tuners_store.names import split_qualified_name, validate_qualified_name
 
 log = logging.getLogger(__name__)
 
@@ -509,12 +509,15 @@ class TunerRegistry:
         except ArtifactError as exc:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
-        if header.config.name != name:
+        # An artifact carries its plain name; a tenant's namespace comes from where it goes.
+        tenant, plain = split_qualified_name(name)
+        if header.config.name != plain:
             self._count_registration("artifact_name_mismatch")
+            expected = f"{tenant}/{header.config.name}" if tenant else header.config.name
             raise ApiError(
                 "artifact_name_mismatch",
                 f"the artifact is tuner {header.config.name!r}; upload it as that name "
-                f"(PUT /v1/tuners/{header.config.name}), not as {name!r}",
+                f"(PUT /v1/tuners/{expected}), not as {name!r}",
                 task=name,
             )
         async with self._lock(name):

@@ -23,6 +23,7 @@ from server.engine.decode_gpu import GpuImageDecoder, build_gpu_decoder
 from server.engine.engine import Answer, BatchItem, Engine, task_error
 from server.engine.feature_cache import FeatureCache
 from server.engine.gpu_engine import build_engine
+from server.engine.leases import LeaseSet
 from server.engine.loaded_tuner import LoadedTuner
 from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
 from server.engine.runtime import Backbone, load_backbone_runtime
@@ -116,6 +117,9 @@ class InferenceService:
         self.registry = TunerRegistry(
             self._store, self._backbone, s, self.metrics, tuner_device=s.device
         )
+        # An unloaded version's stacked groups go with it, or they would keep it in memory.
+        self.registry.add_unload_listener(self.engine.forget_tuner)
+        self.metrics.watch_tuners(self.registry.tuner_state)
         await self.registry.start()
         self.batcher = MicroBatcher(
             self.engine.run_batch,
@@ -170,11 +174,14 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._check_request(len(images), tasks, top_k)
-        plans = await self._resolve(tasks)
-        decode_started = loop.time()
-        prepared = await self._decode_all(images)
-        decode_ms = (loop.time() - decode_started) * 1000.0
-        return await self._run(prepared, tasks, plans, top_k, started, decode_ms)
+        # Every tuner the request resolves is leased until it is answered (or fails, or is
+        # cancelled), so unloading one waits for it.
+        with LeaseSet(self.registry.leases) as lease:
+            plans = await self._resolve(tasks, lease)
+            decode_started = loop.time()
+            prepared = await self._decode_all(images)
+            decode_ms = (loop.time() - decode_started) * 1000.0
+            return await self._run(prepared, tasks, plans, top_k, started, decode_ms, lease)
 
     async def predict_tensor(
         self, pixels: torch.Tensor, tasks: list[TaskRef], top_k: int
@@ -187,9 +194,10 @@ class InferenceService:
         started = loop.time()
         self._check_tensor(pixels)
         self._check_request(int(pixels.shape[0]), tasks, top_k)
-        plans = await self._resolve(tasks)
-        prepared = [(row.contiguous(), tensor_digest(row)) for row in pixels.detach().cpu()]
-        return await self._run(prepared, tasks, plans, top_k, started, 0.0)
+        with LeaseSet(self.registry.leases) as lease:
+            plans = await self._resolve(tasks, lease)
+            prepared = [(row.contiguous(), tensor_digest(row)) for row in pixels.detach().cpu()]
+            return await self._run(prepared, tasks, plans, top_k, started, 0.0, lease)
 
     def preprocess_config(self) -> dict[str, Any]:
         """What a client must do to send preprocessed tensors: size, mean/std, resize rule."""
@@ -241,10 +249,10 @@ class InferenceService:
         if not bool(torch.isfinite(pixels).all()):
             raise ApiError("validation_error", "the tensor holds NaN or Inf")
 
-    async def _resolve(self, tasks: list[TaskRef]) -> dict[str, _Plan]:
+    async def _resolve(self, tasks: list[TaskRef], lease: LeaseSet) -> dict[str, _Plan]:
         """Every task resolved once (concurrently); unknown names or versions fail the request."""
         results = await asyncio.gather(
-            *(self.registry.resolve(ref.name, ref.version) for ref in tasks),
+            *(self.registry.resolve(ref.name, ref.version, lease=lease) for ref in tasks),
             return_exceptions=True,
         )
         plans: dict[str, _Plan] = {}
@@ -287,11 +295,12 @@ class InferenceService:
         top_k: int,
         started: float,
         decode_ms: float,
+        lease: LeaseSet,
     ) -> dict[str, Any]:
         """Batch the images with their tuners and assemble the response body."""
         loop = asyncio.get_running_loop()
         deadline = started + self.settings.request_timeout_s
-        per_image = [await self._tuners_for(tasks, plans, digest) for _, digest in prepared]
+        per_image = [await self._tuners_for(tasks, plans, digest, lease) for _, digest in prepared]
         items: list[BatchItem] = []
         to_compute: list[int] = []
         for index, ((pixels, digest), tuners) in enumerate(zip(prepared, per_image, strict=True)):
@@ -305,6 +314,7 @@ class InferenceService:
         by_image = dict(zip(to_compute, completed, strict=True))
 
         results = []
+        answered: dict[tuple[str, int], int] = {}
         for index, tuners in enumerate(per_image):
             done = by_image.get(index)
             answers: dict[str, Answer] = {}
@@ -313,8 +323,13 @@ class InferenceService:
                 if isinstance(plan, ApiError):
                     answers[ref.name] = task_error(plan.code, plan.detail)
                 elif done is not None:
-                    answers[ref.name] = done.output.answers[ref.name]
+                    answer = answers[ref.name] = done.output.answers[ref.name]
+                    if "version" in answer:
+                        key = (ref.name, int(answer["version"]))
+                        answered[key] = answered.get(key, 0) + 1
             results.append({"image": index, "tasks": answers})
+        self.registry.count_answers(answered)
+        self.metrics.count_answers(answered)
         batches = {c.batch.batch_id: c.batch for c in completed}.values()
         timing = {
             "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
@@ -327,7 +342,7 @@ class InferenceService:
         return {"results": results, "backbone": self.backbone_info(), "timing": timing}
 
     async def _tuners_for(
-        self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str
+        self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str, lease: LeaseSet
     ) -> dict[str, _Plan]:
         """The plan of each task for one image: a canary split picks by the image digest."""
         out: dict[str, _Plan] = {}
@@ -335,7 +350,7 @@ class InferenceService:
             plan = plans[ref.name]
             if ref.version is None and self.registry.has_split(ref.name):
                 try:
-                    plan = await self.registry.resolve(ref.name, None, digest)
+                    plan = await self.registry.resolve(ref.name, None, digest, lease)
                 except ApiError as exc:
                     plan = exc
             out[ref.name] = plan
