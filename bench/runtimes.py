@@ -5,7 +5,8 @@ One run measures, on the same machine and minutes:
 1. ``matmul_peak``: the machine's float32 matmul rate (torch, 2 threads, large square
    matrices), at the start and at the end of the run (a shared box drifts);
 2. ``throughput``: for ViT-S/16 and ViT-B/16 (random weights, 224 px), batch 1 and 8, the
-   serving path (CLS rows of layers 0..12) under each runtime, in interleaved rounds: images/s,
+   serving path (CLS rows of layers 0..12) under each runtime (2 threads each; torch on 1
+   thread as a control), in interleaved rounds: images/s,
    and the fraction of the matmul peak reached, from the FLOPs of one image computed from the
    config (multiply-add = 2 FLOPs; the int8 rows count the same FLOPs);
 3. ``parity``: ONNX Runtime features vs torch on real photos (max abs and relative diff);
@@ -53,7 +54,9 @@ BATCHES = (1, 8)
 INT8_MAX_DROP = 0.005
 """Largest drop of a demo task's validation metric (absolute, e.g. accuracy 0.5 points) for
 int8 to be the default."""
-RUNTIMES = ("torch", "onnx_fp32", "onnx_int8")
+RUNTIMES = ("torch", "torch_1thread", "onnx_fp32", "onnx_int8")
+"""``torch_1thread`` is a control: on a loaded box torch's 2 OpenMP threads can lose more to
+waiting on each other than they gain, which would flatter the other runtimes."""
 
 
 # ---------------------------------------------------------------------------- FLOPs and peak
@@ -158,8 +161,17 @@ def measure_arch(
     _, height, width = backbone.data_config.input_size
     spec = FeatureSpec(tuple(range(backbone.depth + 1)), "cls")
     gflop = flops_per_image(backbone.config, height, width, cls_capture=True) / 1e9
+
+    def torch_one_thread(x: torch.Tensor) -> object:
+        torch.set_num_threads(1)
+        try:
+            return backbone.forward_features(x, spec)
+        finally:
+            torch.set_num_threads(THREADS)
+
     runtimes: dict[str, Callable[[torch.Tensor], object]] = {
         "torch": lambda x: backbone.forward_features(x, spec),
+        "torch_1thread": torch_one_thread,
         "onnx_fp32": lambda x: fp32.forward_features(x, spec),
         "onnx_int8": lambda x: int8.forward_features(x, spec),
     }
