@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench import timing
 from bench.report import render
 from bench.suite import BY_NAME, ProfileName, run_suite
 
@@ -28,8 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         "--only", metavar="NAME,...", help=f"run these sections only: {', '.join(BY_NAME)}"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="clock of compute comparisons: wall (default) or this process's CPU time "
+        "(for a busy shared machine; use with --threads 1)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="render the report, run nothing")
     args = parser.parse_args(argv)
+    timing.configure(clock=args.clock, threads=args.threads)
     if not args.report_only:
         profile: ProfileName = "full" if args.full else "smoke" if args.smoke else "quick"
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None

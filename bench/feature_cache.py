@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench import timing
 from bench.server_throughput import sample_jpegs
 from bench.timing import summary_ms
 from restuning.backbone import load_backbone
@@ -36,7 +37,6 @@ from tuners_store.config import BackboneRef, BypassConfig, TunerConfig
 RESULTS = Path(__file__).resolve().parent / "results" / "feature_cache.json"
 TASKS_PER_REQUEST = 4
 MiB = 1024 * 1024
-THREADS = 2
 
 
 def _artifact(name: str, backbone: Backbone, seed: int) -> bytes:
@@ -103,7 +103,7 @@ async def _measure(backbone: Backbone, store_url: str, images: int) -> dict[str,
 
 def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
     """Measure hit vs miss latency; returns the JSON-able report."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(timing.threads())
     arch = "vit_test_tiny" if smoke else "vit_small_patch16_224"
     images = 3 if smoke else 20 if quick else 100
     backbone = TorchRuntime(load_backbone(arch, "random:0"))

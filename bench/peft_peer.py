@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench import timing
 from bench.timing import interleaved, median_ms, median_ratio
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.fanout import StackedGroup, Strategy
@@ -52,7 +53,6 @@ BATCH = 8
 CLASSES = 100
 RANK = 8
 """LoRA rank of the peer and bottleneck of our res_adapters: the same per-task width."""
-THREADS = 2
 PAPER_RATIO = {19: 2953.1 / 564.3}
 """Res-Tuning-Bypass vs full fine-tuning, 19 VTAB tasks (paper: 5.2x)."""
 PAPER_GENERATIVE = {"tasks": 10, "ratio": 25.40 / 4.17}
@@ -79,7 +79,7 @@ class Profile:
 
     def repeats(self, k: int) -> int:
         """Calls per candidate in a K block: small blocks are cheap and noisy, so more."""
-        return max(1, -(-4 // k))
+        return max(1, -(-2 // k))
 
 
 ALL_COUNTS = (1, 2, 4, 8, 16, 19, 32, 64)
@@ -380,7 +380,7 @@ def _summarise(
 
 def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
     """Measure every backbone size of the profile; returns the JSON-able report."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(timing.threads())
     prof = profile(quick, smoke)
     import peft
     import transformers
@@ -389,6 +389,7 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         "bench": "peft_peer",
         "profile": "smoke" if smoke else "quick" if quick else "full",
         "threads": torch.get_num_threads(),
+        "clock": timing.clock(),
         "classes": CLASSES,
         "ours": {
             "tuner": "res_adapter",
@@ -406,7 +407,7 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         "goal_x_plain_at_19": GOAL_X_AT_19,
         "unit": "x_plain = cost / one plain forward of the same side, median of same-block "
         "ratios over rounds; ms = median wall time per batch; each K block times every "
-        "method ceil(4/K) times",
+        "method ceil(2/K) times",
         "peer_counts": {"switch": list(prof.switch_counts), "mixed": list(prof.mixed_counts)},
         "archs": [measure_arch(arch, rounds, prof) for arch, rounds in prof.archs],
     }
@@ -418,7 +419,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="ViT-S/16 only, fewer rounds")
     parser.add_argument("--smoke", action="store_true", help="tiny backbone, seconds")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    timing.configure(clock=args.clock, threads=args.threads)
     report = run(args.quick, smoke=args.smoke)
     for entry in report["archs"]:
         print(f"{entry['arch']} batch {entry['batch']}: plain {entry['plain_forward_ms']} ms")

@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import torch
 
+from bench import timing
 from bench.processes import ServeProcess, redis_server
 from bench.timing import summary_ms
 from restuning.backbone import load_backbone
@@ -51,7 +52,6 @@ from tuners_store.config import BackboneRef, BypassConfig, TunerConfig
 RESULTS = Path(__file__).resolve().parent / "results" / "registry_scale.json"
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 MiB = 1024 * 1024
-THREADS = 2
 SERVABLE_TIMEOUT_S = 60.0
 
 
@@ -284,7 +284,7 @@ def _replicas(redis_store_url: str, backbone: Backbone, prof: Profile) -> dict[s
 
 def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
     """Measure file store, Redis store and two replicas; returns the JSON-able report."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(timing.threads())
     prof = profile(quick, smoke)
     backbone = TorchRuntime(load_backbone(prof.arch, "random:0"))
     config = scale_config("probe", backbone, prof.last_blocks)

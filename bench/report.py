@@ -14,7 +14,6 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPORT = "REPORT.md"
-COMMAND = {"quick": "make bench", "full": "make bench-full", "smoke": "python -m bench --smoke"}
 METHOD_LABELS = {
     "peft_switch": "PEFT LoRA, switching adapters",
     "peft_mixed": "PEFT LoRA, mixed-adapter batch",
@@ -82,7 +81,11 @@ def _run_line(d: Json) -> str:
         return "_Not run yet: `python -m bench` writes it._"
     if not meta:
         return "_Measured outside the suite (its own `__main__`)._"
-    return f"_Profile {meta.get('profile')}, {meta.get('date')}, {meta.get('seconds')} s._"
+    clock = f", {meta['clock']} clock, {meta.get('threads')} threads" if "clock" in meta else ""
+    cpu = f" ({meta['cpu_seconds']} CPU s)" if "cpu_seconds" in meta else ""
+    return (
+        f"_Profile {meta.get('profile')}{clock}, {meta.get('date')}, {meta.get('seconds')} s{cpu}._"
+    )
 
 
 # --------------------------------------------------------------------------- fan-out
@@ -328,13 +331,15 @@ def server_headline(d: Json) -> list[str]:
     if not rows:
         return []
     parts = [
-        f"K = {r['tasks_per_image']}: {_pct(1 - r['http_efficiency'])} "
-        f"(engine busy {_pct(_get(r, 'server', 'engine_busy'))}, p99 {fmt(r.get('p99_ms'), 0)} ms)"
+        f"K = {r['tasks_per_image']}: engine busy {_pct(_get(r, 'server', 'engine_busy'))}, "
+        f"{_pct(r['http_efficiency'])} of the engine-alone rate, p50/p99 "
+        f"{fmt(r.get('p50_ms'), 0)}/{fmt(r.get('p99_ms'), 0)} ms"
         for r in rows
     ]
     return [
-        "- **Server overhead** over the engine alone on the same batches (HTTP, decode, "
-        f"batching, JSON; load generator on the same cores): {', '.join(parts)}."
+        "- **Server** under concurrent load (separate load-generator process on the same "
+        "cores): the engine computes for this share of the measured window, the rest is "
+        f"HTTP, decoding and batching: {'; '.join(parts)}."
     ]
 
 
@@ -386,12 +391,15 @@ def runtimes_section(d: Json, plots: dict[str, str]) -> list[str]:
             "",
             *table(["parity vs torch", "fp32 max rel", "int8 max rel", "int8 mean cosine"], parity),
         ]
-    acc = d.get("int8_accuracy") or {}
-    lines += [
-        "",
-        f"int8 as the default: **{fmt(d.get('int8_default'))}** ({d.get('int8_rule')}; "
-        f"accuracy check: {_scalars(acc)}).",
-    ]
+    acc = d.get("int8_accuracy")
+    if acc:
+        lines += [
+            "",
+            f"int8 as the default: **{fmt(d.get('int8_default'))}** ({d.get('int8_rule')}; "
+            f"accuracy check: {_scalars(acc)}).",
+        ]
+    else:
+        lines += ["", "int8 accuracy: not checked in this profile (`make bench-full` does)."]
     if "runtimes" in plots:
         lines += ["", f"![runtimes as a fraction of the fp32 matmul peak]({plots['runtimes']})"]
     return [*lines, ""]
@@ -685,6 +693,33 @@ def _machine(suite: Json) -> list[str]:
     ]
 
 
+def reproduce_command(suite: Json) -> str:
+    """The command line that produced ``suite.json``'s run."""
+    parts = ["python -m bench"]
+    profile = suite.get("profile", "quick")
+    if profile != "quick":
+        parts.append(f"--{profile}")
+    if suite.get("clock", "wall") != "wall":
+        parts.append(f"--clock {suite['clock']}")
+    if suite.get("threads", 2) != 2:
+        parts.append(f"--threads {suite['threads']}")
+    return " ".join(parts)
+
+
+def _clock(suite: Json) -> list[str]:
+    if suite.get("clock") == "cpu":
+        return [
+            f"Compute comparisons use **CPU time** of the measuring process with "
+            f"{suite.get('threads')} torch thread(s): the machine was shared with other jobs, "
+            "and CPU time is what they barely disturb (on a dedicated machine it equals wall "
+            "time at 1 thread). Service latencies are wall time.",
+            "",
+        ]
+    if suite.get("clock") == "wall":
+        return [f"Wall-clock timings, {suite.get('threads')} torch threads.", ""]
+    return []
+
+
 def _plots(data: dict[str, Json], out: Path) -> tuple[dict[str, str], str | None]:
     """Write every plot; returns names by key, and why none were drawn (if so)."""
     try:
@@ -713,18 +748,18 @@ def render(results: Path = RESULTS) -> Path:
     }
     suite = data.pop("suite", {})
     plots, no_plots = _plots(data, results)
-    profile = suite.get("profile", "quick")
     lines = [
         "# restune benchmarks",
         "",
-        f"Reproduce: `{COMMAND.get(profile, 'python -m bench')}` (profile **{profile}**; "
-        "`make bench` is the quick profile, `make bench-full` the full one). Timings on a "
+        f"Reproduce: `{reproduce_command(suite)}` (`make bench` runs the quick profile, "
+        "`make bench-full` the full one). Timings on a "
         "shared machine swing by tens of percent between runs, so every comparison below is "
         "measured side by side within one run: compare ratios, not absolute times across "
         "runs. Random backbone weights throughout (speed does not depend on them).",
         "",
         *_machine(suite),
         "",
+        *_clock(suite),
     ]
     if no_plots:
         lines += [f"_{no_plots}_", ""]

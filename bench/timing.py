@@ -1,8 +1,15 @@
-"""Wall-clock timing for the suite's own sections: medians, percentiles, interleaved rounds.
+"""Timing for the suite's sections: the run's clock and threads, medians, percentiles,
+interleaved rounds.
 
 On a shared CPU box timings swing by tens of percent between minutes, so sections compare
 things measured next to each other: :func:`interleaved` runs every candidate once per round,
 round after round, and ratios are taken within a round before the median over rounds.
+
+The clock of compute comparisons is the run's choice (:func:`configure`): ``wall`` (default;
+what a dedicated machine shows) or ``cpu``, this process's CPU time over all its threads,
+which neighbours on an oversubscribed box barely disturb. Use ``cpu`` with one thread: with
+two, work that only one thread runs would count half. Latencies of services (HTTP, stores,
+queues) are always wall time and do not use this clock.
 """
 
 from __future__ import annotations
@@ -10,19 +17,44 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
+Clock = Literal["wall", "cpu"]
 PERCENTILES = (50, 95, 99)
+_run: dict[str, object] = {"clock": "wall", "threads": 2}
+
+
+def configure(*, clock: Clock | None = None, threads: int | None = None) -> None:
+    """Set the run's clock for compute timings and the torch threads sections use."""
+    if clock is not None:
+        _run["clock"] = clock
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        _run["threads"] = threads
+
+
+def clock() -> Clock:
+    """The run's clock for compute comparisons."""
+    return "cpu" if _run["clock"] == "cpu" else "wall"
+
+
+def threads() -> int:
+    """Torch intra-op threads for the run's sections (2 unless configured)."""
+    value = _run["threads"]
+    return value if isinstance(value, int) else 2
 
 
 def once_ms(fn: Callable[[], object]) -> float:
-    """Wall time of one call of ``fn`` in milliseconds."""
-    started = time.perf_counter()
+    """Time of one call of ``fn`` in milliseconds on the run's clock."""
+    now = time.process_time if clock() == "cpu" else time.perf_counter
+    started = now()
     fn()
-    return (time.perf_counter() - started) * 1000.0
+    return (now() - started) * 1000.0
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, in ms."""
+    """Median time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
     return statistics.median(once_ms(fn) for _ in range(max(1, repeats)))
