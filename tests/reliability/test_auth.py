@@ -53,6 +53,7 @@ WRONG_TOKENS = [
     "Bearer test-admin-token-01234567890",  # plus one
     "Bearer TEST-ADMIN-TOKEN-0123456789",
 ]
+CONSTANT_TIME = {"hmac.compare_digest", "secrets.compare_digest"}
 SECRET_NAME = re.compile(r"^(admin_)?token$|credential|authorization|secret|password")
 MALFORMED = ["", "Bearer", "Bearer ", "Basic dGVzdDp0ZXN0", "test-admin-token-0123456789"]
 
@@ -91,9 +92,20 @@ def test_token_comparison_is_constant_time() -> None:
         for node in ast.walk(ast.parse(inspect.getsource(deps.require_admin)))
         if isinstance(node, ast.Call)
     }
-    assert calls & {"hmac.compare_digest", "secrets.compare_digest"}
+    assert calls & CONSTANT_TIME
+    checkers = 0
     for path in Path(server.__file__).parent.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Whatever else checks a presented token (tenant tokens) compares in constant time too.
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and fn.name in (
+                "require_admin",
+                "authenticate",
+            ):
+                checkers += 1
+                used = {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+                assert used & CONSTANT_TIME, (path, fn.name)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(
                 isinstance(op, ast.Eq | ast.NotEq) for op in node.ops
             ):
@@ -104,6 +116,7 @@ def test_token_comparison_is_constant_time() -> None:
                 }
                 secret_like = {n for n in names if SECRET_NAME.search(n.lower())}
                 assert not secret_like, (path, ast.unparse(node))
+    assert checkers >= 1
 
 
 def test_uploads_are_never_unpickled() -> None:

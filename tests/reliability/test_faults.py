@@ -246,7 +246,7 @@ def test_sigkill_mid_registration_leaves_old_or_new_never_torn(
     outcomes = []
     # Kill points: mid-upload (slow client), then fractions of a full-speed registration.
     plans: list[tuple[str, float]] = [("slow-upload", 0.1)]
-    plans += [("full-speed", f * full_s) for f in (0.3, 0.7, 1.0)]
+    plans += [("full-speed", f * full_s) for f in (0.5, 1.0, 2.0)]
     for attempt, (how, delay) in enumerate(plans, start=1):
         new = big_artifact(name, tiny_backbone, seed=attempt)
         new_sha = hashlib.sha256(new).hexdigest()

