@@ -64,17 +64,24 @@ PEFT_METHODS = ("peft_switch", "peft_mixed")
 
 
 @dataclass(frozen=True)
+class ArchPlan:
+    """What one backbone size runs: rounds, and the K values of each peer method."""
+
+    arch: str
+    rounds: int
+    switch_counts: tuple[int, ...]
+    """K values the peer runs by switching adapters (it costs K forwards)."""
+    mixed_counts: tuple[int, ...]
+    """K values of the peer's mixed-adapter batch (it costs about K forwards)."""
+
+
+@dataclass(frozen=True)
 class Profile:
     """Sizes of one run."""
 
-    archs: tuple[tuple[str, int], ...]
-    """(preset, rounds) per backbone size."""
+    plans: tuple[ArchPlan, ...]
     task_counts: tuple[int, ...]
-    """K values our engine runs."""
-    switch_counts: tuple[int, ...]
-    """K values the peer runs by switching adapters (a subset: it costs K forwards)."""
-    mixed_counts: tuple[int, ...]
-    """K values of the peer's mixed-adapter batch (a subset: it costs about K forwards)."""
+    """K values our engine runs (every size)."""
     batch: int = BATCH
 
     def repeats(self, k: int) -> int:
@@ -83,20 +90,24 @@ class Profile:
 
 
 ALL_COUNTS = (1, 2, 4, 8, 16, 19, 32, 64)
+QUOTED_COUNTS = (1, 4, 16, 19, 64)
+"""The K values the issue quotes the peer's switching cost at."""
 
 
 def profile(quick: bool, smoke: bool) -> Profile:
-    """Smoke: tiny backbone, seconds. Quick: ViT-S/16, the peer at the K values the issue
-    quotes (a few minutes on 2 cores). Full: ViT-S/16 (3 rounds) and ViT-B/16 (1 round),
-    every K for every method."""
+    """Smoke: tiny backbone, seconds. Quick: ViT-S/16 in one round, the peer at the K values
+    the issue quotes (a few minutes on 2 cores). Full: ViT-S/16 in 2 rounds with every method
+    at every K, and ViT-B/16 in one (its mixed batch up to K = 19: at 64 it is 512 rows)."""
     if smoke:
-        return Profile((("vit_test_tiny", 1),), (1, 2), (1, 2), (1, 2), batch=2)
+        return Profile((ArchPlan("vit_test_tiny", 1, (1, 2), (1, 2)),), (1, 2), batch=2)
+    small = "vit_small_patch16_224"
     if quick:
-        return Profile((("vit_small_patch16_224", 1),), ALL_COUNTS, (1, 4, 16, 19, 64), (1, 4, 19))
+        return Profile((ArchPlan(small, 1, QUOTED_COUNTS, (1, 4, 19)),), ALL_COUNTS)
     return Profile(
-        (("vit_small_patch16_224", 3), ("vit_base_patch16_224", 1)),
-        ALL_COUNTS,
-        ALL_COUNTS,
+        (
+            ArchPlan(small, 2, ALL_COUNTS, ALL_COUNTS),
+            ArchPlan("vit_base_patch16_224", 1, ALL_COUNTS, (1, 2, 4, 8, 16, 19)),
+        ),
         ALL_COUNTS,
     )
 
@@ -268,13 +279,14 @@ def _peft_mixed_supported(peer: PeftPeer, images: torch.Tensor) -> str | None:
     return None if logits.shape[0] == min(2, len(peer.names)) else "wrong output rows"
 
 
-def measure_arch(arch: str, rounds: int, prof: Profile) -> dict[str, Any]:
+def measure_arch(plan: ArchPlan, prof: Profile) -> dict[str, Any]:
     """Every method at every K for one backbone size, interleaved by K block and round."""
+    arch = plan.arch
     vit = get_preset(arch).vit
     images = torch.randn(
         prof.batch, 3, vit.img_size, vit.img_size, generator=torch.Generator().manual_seed(0)
     )  # (B, 3, H, W)
-    peer = PeftPeer(arch, max(prof.switch_counts + prof.mixed_counts))
+    peer = PeftPeer(arch, max(plan.switch_counts + plan.mixed_counts))
     ours = OursSide(arch, prof.task_counts)
     mixed_unsupported = _peft_mixed_supported(peer, images)
 
@@ -290,15 +302,15 @@ def measure_arch(arch: str, rounds: int, prof: Profile) -> dict[str, Any]:
         ours.serve(images, k0, label)
 
     times: dict[int, dict[str, list[float]]] = {}
-    for _ in range(rounds):
+    for _ in range(plan.rounds):
         for k in prof.task_counts:
             candidates: dict[str, Callable[[], object]] = {
                 "peft_plain": partial(peer.plain, images),
                 "ours_plain": partial(ours.plain, images),
             }
-            if k in prof.switch_counts:
+            if k in plan.switch_counts:
                 candidates["peft_switch"] = partial(peer.switching, images, k)
-            if k in prof.mixed_counts and mixed_unsupported is None:
+            if k in plan.mixed_counts and mixed_unsupported is None:
                 candidates["peft_mixed"] = partial(peer.mixed, images, k)
             for label in ("loop", "stacked", "cls"):
                 candidates[f"ours_{label}"] = partial(ours.serve, images, k, label)
@@ -307,10 +319,12 @@ def measure_arch(arch: str, rounds: int, prof: Profile) -> dict[str, Any]:
             for name, samples in block.items():
                 into[name].extend(samples)
     cls_fanout = {k: ours.cls_fanout_ms(images, k, repeats=5) for k in prof.task_counts}
-    result = _summarise(arch, rounds, prof, times, cls_fanout)
+    result = _summarise(arch, plan.rounds, prof, times, cls_fanout)
     result["peer"] = {
         "model": "transformers ViTForImageClassification (random init) + PEFT LoRA",
         "lora": {"r": RANK, "alpha": 2 * RANK, "targets": lora_targets(peer.plain_model)},
+        "switch_counts": list(plan.switch_counts),
+        "mixed_counts": list(plan.mixed_counts),
         "modules_to_save": ["classifier"],
         "attention": peer.attention,
         "mixed_batch": "supported" if mixed_unsupported is None else mixed_unsupported,
@@ -406,10 +420,9 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         "paper": {"ratio_at_19": round(PAPER_RATIO[19], 2), "generative": PAPER_GENERATIVE},
         "goal_x_plain_at_19": GOAL_X_AT_19,
         "unit": "x_plain = cost / one plain forward of the same side, median of same-block "
-        "ratios over rounds; ms = median wall time per batch; each K block times every "
-        "method ceil(2/K) times",
-        "peer_counts": {"switch": list(prof.switch_counts), "mixed": list(prof.mixed_counts)},
-        "archs": [measure_arch(arch, rounds, prof) for arch, rounds in prof.archs],
+        "ratios over rounds; ms = median time per batch on the run's clock; each K block "
+        "times every method ceil(2/K) times",
+        "archs": [measure_arch(plan, prof) for plan in prof.plans],
     }
 
 
