@@ -287,17 +287,24 @@ def test_replica_restarting_while_another_registers_serves_the_newest(
     done = threading.Event()
     registered: list[tuple[str, str]] = []  # (name, sha256) acknowledged by A, in order
 
+    failures: list[str] = []
+
     def register_on_a() -> None:
         seed = 10
         while not done.is_set() or len(registered) < 6:
             resp, _ = put(a, "rep-x", artifact("rep-x", tiny_backbone, seed))
-            assert resp.status_code == 201, resp.text
+            if resp.status_code != 201:
+                failures.append(f"PUT rep-x: {resp.status_code} {resp.text[:300]}")
+                return
             registered.append(("rep-x", resp.json()["sha256"]))
             seed += 1
             time.sleep(0.05)
         with a.client() as c:
-            assert c.delete("/v1/tuners/rep-gone", headers=a.admin_headers).status_code == 200
+            deleted = c.delete("/v1/tuners/rep-gone", headers=a.admin_headers)
         resp, _ = put(a, "rep-new", artifact("rep-new", tiny_backbone, 5))
+        if deleted.status_code != 200 or resp.status_code != 201:
+            failures.append(f"DELETE {deleted.status_code}, PUT rep-new {resp.status_code}")
+            return
         registered.append(("rep-new", resp.json()["sha256"]))
 
     writer = threading.Thread(target=register_on_a, daemon=True)
@@ -308,6 +315,7 @@ def test_replica_restarting_while_another_registers_serves_the_newest(
     done.set()
     writer.join(HANG_S)
     assert not writer.is_alive()
+    assert failures == []
 
     newest = {name: sha for name, sha in registered}
     converge_s = wait_for(
