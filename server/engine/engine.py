@@ -317,8 +317,9 @@ def _groups(tasks: list[_Task]) -> list[list[_Task]]:
     """Tasks split into stackable groups: one ``shape_key`` and distinct names in each.
 
     Two versions of one name (a pinned version beside the current one) land in different
-    groups, since a group answers by name. Members are sorted so the group cache key and the
-    stacking order agree.
+    groups, since a group answers by name; so do two tenants' tuners of one plain name
+    (``acme/pets``, ``bolt/pets``), whose artifacts carry the same name. Members are sorted so
+    the group cache key and the stacking order agree.
     """
     by_shape: dict[tuple[object, ...], list[_Task]] = {}
     for task in sorted(tasks, key=lambda t: t.tuner.key):
@@ -328,7 +329,7 @@ def _groups(tasks: list[_Task]) -> list[list[_Task]]:
         layers: list[list[_Task]] = []
         for task in members:
             for layer in layers:
-                if all(t.tuner.name != task.tuner.name for t in layer):
+                if all(t.tuner.config.name != task.tuner.config.name for t in layer):
                     layer.append(task)
                     break
             else:

@@ -475,3 +475,31 @@ def test_answers_per_version_and_where_tuners_live(
     )
     assert 'task="eyes"' not in text
     assert 'task="ears"' not in text
+
+
+def test_two_tenants_tuners_of_one_plain_name_answer_side_by_side(
+    settings: Settings,
+    runtime: RecordingRuntime,
+    artifact: ArtifactFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``acme/pets`` and ``bolt/pets`` carry the same artifact name and share a shape: they
+    must not be stacked into one group (which refuses duplicate names)."""
+    images = tiny_images(2, seed=5)
+
+    async def main() -> None:
+        async with running(settings, runtime) as svc:
+            await svc.registry.register("acme/pets", artifact("pets", seed=1))
+            await svc.registry.register("bolt/pets", artifact("pets", seed=2))
+            both = await svc.predict(images, refs("acme/pets", "bolt/pets"), 3)
+            for name in ("acme/pets", "bolt/pets"):
+                alone = await svc.predict(images, refs(name), 3)
+                for image in (0, 1):
+                    assert answers_close(answer(both, name, image), answer(alone, name, image))
+            assert not answers_close(
+                answer(both, "acme/pets")["labels"], answer(both, "bolt/pets")["labels"]
+            )
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
