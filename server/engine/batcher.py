@@ -142,18 +142,19 @@ class MicroBatcher:
         finally:
             self._withdraw(pending)
 
-    def enqueue(
-        self, items: Sequence[BatchItem], *, deadline: float | None = None
-    ) -> list[_Pending]:
-        """Put ``items`` in the queue or refuse them all at once (never partially)."""
+    def admit(self, n_images: int) -> None:
+        """Refuse now what the queue could not take now (callers check before decoding).
+
+        Raises ``overloaded`` (503 + Retry-After), ``too_many_images`` or ``not_ready``.
+        """
         if self._closing:
             raise ApiError("not_ready", "the server is shutting down", retry_after=1)
-        if len(items) > self.max_queue_images:
+        if n_images > self.max_queue_images:
             raise ApiError(
                 "too_many_images",
-                f"{len(items)} images exceed the queue capacity of {self.max_queue_images}",
+                f"{n_images} images exceed the queue capacity of {self.max_queue_images}",
             )
-        if len(self._queue) + len(items) > self.max_queue_images:
+        if len(self._queue) + n_images > self.max_queue_images:
             # Counted in restune_rejected_requests_total by the HTTP layer, like every refusal.
             raise ApiError(
                 "overloaded",
@@ -161,6 +162,12 @@ class MicroBatcher:
                 "retry later",
                 retry_after=self.retry_after(),
             )
+
+    def enqueue(
+        self, items: Sequence[BatchItem], *, deadline: float | None = None
+    ) -> list[_Pending]:
+        """Put ``items`` in the queue or refuse them all at once (never partially)."""
+        self.admit(len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = [_Pending(item, loop.create_future(), now, deadline) for item in items]

@@ -174,6 +174,8 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._check_request(len(images), tasks, top_k)
+        # Under overload, refuse before paying for decoding (enqueue checks again after).
+        self.batcher.admit(len(images))
         # Every tuner the request resolves is leased until it is answered (or fails, or is
         # cancelled), so unloading one waits for it.
         with LeaseSet(self.registry.leases) as lease:

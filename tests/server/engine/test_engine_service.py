@@ -21,7 +21,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from tests.fixtures.models import tiny_images
 from tests.server.engine.conftest import ArtifactFactory
-from tests.server.engine.engine_kit import RecordingRuntime, answers_close
+from tests.server.engine.engine_kit import Gate, RecordingRuntime, answers_close
 from tuners_store import StoreEvent, open_store
 
 
@@ -232,5 +232,34 @@ def test_readiness(settings: Settings, runtime: RecordingRuntime) -> None:
         with pytest.raises(ApiError) as err:
             await service.predict(tiny_images(1), refs("pets"), 1)
         assert err.value.code == "not_ready"
+
+    asyncio.run(main())
+
+
+def test_overload_is_refused_before_any_image_is_decoded(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    # Under overload a refusal must be cheap: garbage bytes get `overloaded`, not `bad_image`.
+    small = settings.model_copy(update={"max_queue_images": 2, "max_batch_images": 1})
+
+    async def main() -> None:
+        async with running(small, runtime) as svc:
+            await svc.registry.register("pets", artifact("pets", seed=1))
+            gate = Gate(svc.batcher.run_batch)
+            svc.batcher.run_batch = gate
+            busy = asyncio.create_task(svc.predict(tiny_images(1, seed=3), refs("pets"), 1))
+            await asyncio.to_thread(gate.entered.wait, 10)
+            queued = asyncio.create_task(svc.predict(tiny_images(2, seed=4), refs("pets"), 1))
+            for _ in range(500):
+                if svc.batcher.queued_images == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert svc.batcher.queued_images == 2
+            with pytest.raises(ApiError) as err:
+                await svc.predict([b"not an image"], refs("pets"), 1)
+            assert err.value.code == "overloaded"
+            assert err.value.retry_after is not None
+            gate.open.set()
+            await asyncio.gather(busy, queued)
 
     asyncio.run(main())
