@@ -264,7 +264,7 @@ class OursSide:
         features = self.backbone.forward_features(images, self.cls_spec)
         rows = [torch.arange(images.shape[0])] * k
         group = self.groups[("cls", k)]
-        return median_ms(lambda: group(features, rows), repeats=repeats)
+        return median_ms(lambda: group(features, rows), repeats=repeats, clock=timing.clock())
 
 
 # --------------------------------------------------------------------------- measurement
@@ -314,7 +314,7 @@ def measure_arch(plan: ArchPlan, prof: Profile) -> dict[str, Any]:
                 candidates["peft_mixed"] = partial(peer.mixed, images, k)
             for label in ("loop", "stacked", "cls"):
                 candidates[f"ours_{label}"] = partial(ours.serve, images, k, label)
-            block = interleaved(candidates, rounds=1, repeats=prof.repeats(k))
+            block = interleaved(candidates, rounds=1, repeats=prof.repeats(k), clock=timing.clock())
             into = times.setdefault(k, {name: [] for name in candidates})
             for name, samples in block.items():
                 into[name].extend(samples)

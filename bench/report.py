@@ -709,14 +709,20 @@ def reproduce_command(suite: Json) -> str:
 def _clock(suite: Json) -> list[str]:
     if suite.get("clock") == "cpu":
         return [
-            f"Compute comparisons use **CPU time** of the measuring process with "
-            f"{suite.get('threads')} torch thread(s): the machine was shared with other jobs, "
-            "and CPU time is what they barely disturb (on a dedicated machine it equals wall "
-            "time at 1 thread). Service latencies are wall time.",
+            f"The fan-out comparison (section 1) uses **CPU time** of the measuring process "
+            f"with {suite.get('threads')} torch thread(s), as do the registry and feature-cache "
+            "sections' threads: the machine was shared with other jobs, and CPU time is what "
+            "they barely disturb (on a dedicated machine it equals wall time at 1 thread). "
+            "Service latencies are wall time; the other sections keep their own clock and "
+            "threads (stated in each).",
             "",
         ]
     if suite.get("clock") == "wall":
-        return [f"Wall-clock timings, {suite.get('threads')} torch threads.", ""]
+        return [
+            f"Wall-clock timings; the fan-out, registry and feature-cache sections run "
+            f"{suite.get('threads')} torch threads.",
+            "",
+        ]
     return []
 
 

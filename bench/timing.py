@@ -5,11 +5,12 @@ On a shared CPU box timings swing by tens of percent between minutes, so section
 things measured next to each other: :func:`interleaved` runs every candidate once per round,
 round after round, and ratios are taken within a round before the median over rounds.
 
-The clock of compute comparisons is the run's choice (:func:`configure`): ``wall`` (default;
-what a dedicated machine shows) or ``cpu``, this process's CPU time over all its threads,
-which neighbours on an oversubscribed box barely disturb. Use ``cpu`` with one thread: with
-two, work that only one thread runs would count half. Latencies of services (HTTP, stores,
-queues) are always wall time and do not use this clock.
+Every function times on the wall clock unless given ``clock="cpu"``: this process's CPU
+time over all its threads, which neighbours on an oversubscribed box barely disturb. The
+run's choice (:func:`configure`, ``python -m bench --clock``) is :func:`clock`; a section
+opts in by passing it. Use ``cpu`` with one thread only: with two, work that one thread runs
+alone would count half, and runtimes whose idle threads spin would count double. Latencies of
+services (HTTP, stores, queues) are wall time.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def configure(*, clock: Clock | None = None, threads: int | None = None) -> None
 
 
 def clock() -> Clock:
-    """The run's clock for compute comparisons."""
+    """The run's clock for the compute comparisons that opt in."""
     return "cpu" if _run["clock"] == "cpu" else "wall"
 
 
@@ -45,19 +46,21 @@ def threads() -> int:
     return value if isinstance(value, int) else 2
 
 
-def once_ms(fn: Callable[[], object]) -> float:
-    """Time of one call of ``fn`` in milliseconds on the run's clock."""
-    now = time.process_time if clock() == "cpu" else time.perf_counter
+def once_ms(fn: Callable[[], object], clock: Clock = "wall") -> float:
+    """Time of one call of ``fn`` in milliseconds on ``clock``."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     started = now()
     fn()
     return (now() - started) * 1000.0
 
 
-def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+def median_ms(
+    fn: Callable[[], object], *, repeats: int, warmup: int = 1, clock: Clock = "wall"
+) -> float:
     """Median time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
-    return statistics.median(once_ms(fn) for _ in range(max(1, repeats)))
+    return statistics.median(once_ms(fn, clock) for _ in range(max(1, repeats)))
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -81,7 +84,11 @@ def summary_ms(samples: Sequence[float]) -> dict[str, float | int]:
 
 
 def interleaved(
-    candidates: Mapping[str, Callable[[], object]], *, rounds: int, repeats: int = 1
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    repeats: int = 1,
+    clock: Clock = "wall",
 ) -> dict[str, list[float]]:
     """Per-round times (ms) of every candidate, measured in turn within each round.
 
@@ -91,7 +98,8 @@ def interleaved(
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            times[name].append(statistics.median(once_ms(fn) for _ in range(max(1, repeats))))
+            samples = [once_ms(fn, clock) for _ in range(max(1, repeats))]
+            times[name].append(statistics.median(samples))
     return times
 
 
