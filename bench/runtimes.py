@@ -2,13 +2,13 @@
 
 One run measures, on the same machine and minutes:
 
-1. ``matmul_peak``: the machine's float32 matmul rate (torch, 2 threads, large square
-   matrices), at the start and at the end of the run (a shared box drifts);
+1. ``matmul_peak``: the machine's float32 matmul rate (torch, 2 threads, 2048 x 2048), at the
+   start and at the end of the run, and once in every timing round (a shared box drifts);
 2. ``throughput``: for ViT-S/16 and ViT-B/16 (random weights, 224 px), batch 1 and 8, the
    serving path (CLS rows of layers 0..12) under each runtime (2 threads each; torch on 1
-   thread as a control), in interleaved rounds: images/s,
-   and the fraction of the matmul peak reached, from the FLOPs of one image computed from the
-   config (multiply-add = 2 FLOPs; the int8 rows count the same FLOPs);
+   thread as a control), in interleaved rounds: images/s, and the fraction of the same
+   round's matmul peak reached, from the FLOPs of one image computed from the config
+   (multiply-add = 2 FLOPs; the int8 rows count the same FLOPs against the float32 peak);
 3. ``parity``: ONNX Runtime features vs torch on real photos (max abs and relative diff);
 4. ``int8_accuracy``: what int8 does to answers. When the demo tasks exist
    (``restuning.demo``), each is trained on float32 torch features of the real DINOv2 backbone
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from bench.machine import machine_info
-from bench.timing import interleaved, median_ratio
+from bench.timing import interleaved, median_ratio, once_ms
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.features import FeatureSpec
 from restuning.onnx_quant import cpu_has_vnni
@@ -54,6 +54,7 @@ BATCHES = (1, 8)
 INT8_MAX_DROP = 0.005
 """Largest drop of a demo task's validation metric (absolute, e.g. accuracy 0.5 points) for
 int8 to be the default."""
+PEAK = "matmul_peak"
 RUNTIMES = ("torch", "torch_1thread", "onnx_fp32", "onnx_int8")
 """``torch_1thread`` is a control: on a loaded box torch's 2 OpenMP threads can lose more to
 waiting on each other than they gain, which would flatter the other runtimes."""
@@ -87,20 +88,34 @@ def flops_per_image(config: ViTConfig, height: int, width: int, *, cls_capture: 
     return float(patch_embed + blocks)
 
 
-def matmul_peak_gflops(size: int, repeats: int) -> float:
-    """Best float32 GFLOP/s of ``size`` x ``size`` matmuls on ``THREADS`` threads."""
-    torch.set_num_threads(THREADS)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen)
-    b = torch.randn(size, size, generator=gen)
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
+class MatmulProbe:
+    """One ``size`` x ``size`` float32 matmul on ``THREADS`` threads: the machine's peak."""
+
+    def __init__(self, size: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.randn(size, size, generator=gen)
+        self.b = torch.randn(size, size, generator=gen)
+        self.out = torch.empty(size, size)
+        self.gflop = 2 * size**3 / 1e9
+
+    def __call__(self) -> None:
+        torch.set_num_threads(THREADS)
+        torch.mm(self.a, self.b, out=self.out)
+
+    def gflops(self, ms: float) -> float:
+        """The rate of one call that took ``ms``."""
+        return self.gflop / (ms / 1e3)
+
+
+def peak_fraction(batch: int, gflop_per_image: float, ms: float, peak_gflops: float) -> float:
+    """Share of ``peak_gflops`` reached by a batch of ``batch`` images that took ``ms``."""
+    return batch * gflop_per_image / (ms / 1e3) / peak_gflops
+
+
+def matmul_peak_gflops(probe: MatmulProbe, repeats: int) -> float:
+    """Best GFLOP/s of ``repeats`` calls of ``probe`` after a warm-up."""
+    probe()
+    return max(probe.gflops(once_ms(probe)) for _ in range(repeats))
 
 
 # ---------------------------------------------------------------------------- runtimes
@@ -152,9 +167,14 @@ def _diff(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
 
 
 def measure_arch(
-    arch: str, cache_dir: Path, peak_gflops: float, *, batches: Sequence[int], rounds: int
+    arch: str, cache_dir: Path, probe: MatmulProbe, *, batches: Sequence[int], rounds: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Throughput rows and parity of one preset under the three runtimes."""
+    """Throughput rows and parity of one preset under every runtime.
+
+    ``probe`` runs in every round next to the runtimes: each round's fraction of the peak
+    divides by that round's matmul rate, so a machine whose speed drifts (other work on a
+    shared box) still gives comparable fractions.
+    """
     torch.set_num_threads(THREADS)
     backbone = load_backbone(arch, "random:0")
     fp32, int8, export_s = _open_runtimes(backbone, cache_dir)
@@ -189,21 +209,27 @@ def measure_arch(
         images = _photos(batch, backbone, seed=batch)
         for step in runtimes.values():
             step(images)  # warm-up: session arenas, thread pools, pos-embed cache
-        times = interleaved(
-            {n: functools.partial(s, images) for n, s in runtimes.items()}, rounds=rounds
-        )
+        candidates: dict[str, Callable[[], object]] = {
+            n: functools.partial(step, images) for n, step in runtimes.items()
+        }
+        times = interleaved({**candidates, PEAK: probe}, rounds=rounds)
+        peaks = [probe.gflops(ms) for ms in times[PEAK]]
         for name in RUNTIMES:
             ms = statistics.median(times[name])
-            img_s = batch * 1e3 / ms
+            fractions = [
+                peak_fraction(batch, gflop, t, peak)
+                for t, peak in zip(times[name], peaks, strict=True)
+            ]
             rows.append(
                 {
                     "arch": arch,
                     "batch": batch,
                     "runtime": name,
                     "ms_per_batch": round(ms, 2),
-                    "img_per_s": round(img_s, 2),
+                    "img_per_s": round(batch * 1e3 / ms, 2),
                     "gflop_per_image": float(f"{gflop:.4g}"),
-                    "fraction_of_matmul_peak": round(img_s * gflop / peak_gflops, 3),
+                    "fraction_of_matmul_peak": round(statistics.median(fractions), 3),
+                    "matmul_peak_gflops": round(statistics.median(peaks), 1),
                     "speedup_vs_torch": round(median_ratio(times["torch"], times[name]), 3),
                     "rounds": rounds,
                 }
@@ -330,16 +356,15 @@ def run(
     chosen = tuple(archs) if archs is not None else (("vit_test_tiny",) if quick else ARCHS)
     cache = cache_dir or restune_home() / "onnx"
     size, repeats, rounds = (512, 3, 2) if quick else (2048, 10, 7)
-    peak_before = matmul_peak_gflops(size, repeats)
+    probe = MatmulProbe(size)
+    peak_before = matmul_peak_gflops(probe, repeats)
     rows: list[dict[str, Any]] = []
     parity = []
     for arch in chosen:
-        arch_rows, arch_parity = measure_arch(
-            arch, cache, peak_before, batches=BATCHES, rounds=rounds
-        )
+        arch_rows, arch_parity = measure_arch(arch, cache, probe, batches=BATCHES, rounds=rounds)
         rows += arch_rows
         parity.append(arch_parity)
-    peak_after = matmul_peak_gflops(size, repeats)
+    peak_after = matmul_peak_gflops(probe, repeats)
     acc: dict[str, Any] | None = None
     if accuracy:
         if not quick and _demo_available():
