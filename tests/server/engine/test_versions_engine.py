@@ -308,8 +308,16 @@ def live_objects() -> tuple[int, int, int]:
     modules = tuners = 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            if obj.is_meta:
+                continue
+            try:
+                storage = obj.untyped_storage()
+                ptr = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):
+                # Fake/functional tensors left alive by an earlier ONNX (dynamo) export in
+                # this process hold no memory of their own.
+                continue
+            storages[ptr] = storage.nbytes()
         elif isinstance(obj, TaskModule):
             modules += 1
         elif isinstance(obj, LoadedTuner):
