@@ -34,8 +34,9 @@ def test_quick_run(tiny_onnx: CachedExports, tiny_onnx_int8: CachedExports, tmp_
         shutil.copy2(path, cache / path.name)  # the tiny exports: no export in this test
     result = runtimes.run(quick=True, cache_dir=cache)
     peak = result["matmul_peak_gflops"]
-    assert peak["before"] > 0
-    assert peak["after"] > 0
+    for when in ("before", "after"):
+        assert set(peak[when]) == {"1_threads", "2_threads"}
+        assert min(peak[when].values()) > 0
     rows = result["throughput"]
     assert {(r["batch"], r["runtime"]) for r in rows} == {
         (b, name) for b in runtimes.BATCHES for name in runtimes.RUNTIMES
