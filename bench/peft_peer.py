@@ -1,6 +1,6 @@
 """One forward for many tasks, side by side with the peer a user would pick today.
 
-Serving K tasks per image at batch 8, measured in one process, interleaved round by round:
+Serving K tasks per image at batch 8, measured in one process, K block after K block:
 
 (a) the peer: Hugging Face ``transformers`` ``ViTForImageClassification`` of the same size
     (random weights, no hub) with K PEFT LoRA adapters (r = 8 on query/value, a classifier
@@ -16,7 +16,8 @@ Serving K tasks per image at batch 8, measured in one process, interleaved round
 (d) ``ours_cls``: K CLS-pooled tasks on CLS rows only (capture + fan-out), the serving path.
 
 Each side is a multiple of ITS OWN plain forward (one ``ViTForImageClassification`` forward
-for the peer, one ``VisionTransformer`` forward for us) measured in the same block, so the
+for the peer, one ``VisionTransformer`` forward for us) timed just before and just after each
+call (:func:`bench.timing.bracketed`), so load bursts elsewhere on the machine and the
 backbones' speed difference cancels; absolute images/s and task-predictions/s are reported
 too. Also reported per K: the ratio of the peer's cost to ours, the paper's ratio (5.2x at
 19 tasks), our speed-up over K separate copies of our own one-task path, and the ideal
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from bench import timing
-from bench.timing import interleaved, median_ms, median_ratio
+from bench.timing import Bracketed, bracketed, median_ms
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.fanout import StackedGroup, Strategy
 from restuning.features import FeatureSpec
@@ -61,6 +62,7 @@ GOAL_X_AT_19 = 1.15
 """Our goal: K = 19 CLS tasks cost at most this many plain forwards."""
 METHODS = ("peft_switch", "peft_mixed", "ours_loop", "ours_stacked", "ours_cls")
 PEFT_METHODS = ("peft_switch", "peft_mixed")
+OURS_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,10 @@ class Profile:
     """K values our engine runs (every size)."""
     batch: int = BATCH
 
-    def repeats(self, k: int) -> int:
-        """Calls per candidate in a K block: small blocks are cheap and noisy, so more."""
+    @staticmethod
+    def peer_repeats(k: int) -> int:
+        """Repeats of the peer's methods in a K block: K forwards average themselves, so
+        only small K repeats (our side, about one forward per method, gets OURS_REPEATS)."""
         return max(1, -(-2 // k))
 
 
@@ -280,7 +284,7 @@ def _peft_mixed_supported(peer: PeftPeer, images: torch.Tensor) -> str | None:
 
 
 def measure_arch(plan: ArchPlan, prof: Profile) -> dict[str, Any]:
-    """Every method at every K for one backbone size, interleaved by K block and round."""
+    """Every method at every K for one backbone size, bracketed by plain forwards."""
     arch = plan.arch
     vit = get_preset(arch).vit
     images = torch.randn(
@@ -301,25 +305,30 @@ def measure_arch(plan: ArchPlan, prof: Profile) -> dict[str, Any]:
     for label in ("loop", "stacked", "cls"):
         ours.serve(images, k0, label)
 
-    times: dict[int, dict[str, list[float]]] = {}
+    clock = timing.clock()
+    blocks: dict[int, list[tuple[Bracketed, Bracketed]]] = {k: [] for k in prof.task_counts}
     for _ in range(plan.rounds):
         for k in prof.task_counts:
-            candidates: dict[str, Callable[[], object]] = {
-                "peft_plain": partial(peer.plain, images),
-                "ours_plain": partial(ours.plain, images),
-            }
+            peer_methods: dict[str, Callable[[], object]] = {}
             if k in plan.switch_counts:
-                candidates["peft_switch"] = partial(peer.switching, images, k)
+                peer_methods["peft_switch"] = partial(peer.switching, images, k)
             if k in plan.mixed_counts and mixed_unsupported is None:
-                candidates["peft_mixed"] = partial(peer.mixed, images, k)
-            for label in ("loop", "stacked", "cls"):
-                candidates[f"ours_{label}"] = partial(ours.serve, images, k, label)
-            block = interleaved(candidates, rounds=1, repeats=prof.repeats(k), clock=timing.clock())
-            into = times.setdefault(k, {name: [] for name in candidates})
-            for name, samples in block.items():
-                into[name].extend(samples)
+                peer_methods["peft_mixed"] = partial(peer.mixed, images, k)
+            ours_methods: dict[str, Callable[[], object]] = {
+                f"ours_{label}": partial(ours.serve, images, k, label)
+                for label in ("loop", "stacked", "cls")
+            }
+            # Each side between calls of its own plain forward: ratios against neighbours.
+            peer_plain = partial(peer.plain, images)
+            peer_block = bracketed(
+                peer_plain, peer_methods, repeats=prof.peer_repeats(k), clock=clock
+            )
+            ours_block = bracketed(
+                partial(ours.plain, images), ours_methods, repeats=OURS_REPEATS, clock=clock
+            )
+            blocks[k].append((peer_block, ours_block))
     cls_fanout = {k: ours.cls_fanout_ms(images, k, repeats=5) for k in prof.task_counts}
-    result = _summarise(arch, plan.rounds, prof, times, cls_fanout)
+    result = _summarise(arch, plan.rounds, prof, blocks, cls_fanout)
     result["peer"] = {
         "model": "transformers ViTForImageClassification (random init) + PEFT LoRA",
         "lora": {"r": RANK, "alpha": 2 * RANK, "targets": lora_targets(peer.plain_model)},
@@ -336,30 +345,41 @@ def _summarise(
     arch: str,
     rounds: int,
     prof: Profile,
-    times: dict[int, dict[str, list[float]]],
+    blocks: dict[int, list[tuple[Bracketed, Bracketed]]],
     cls_fanout: dict[int, float],
 ) -> dict[str, Any]:
-    """Medians, same-block ratios and the derived speed-ups of one backbone size."""
-    all_plain = {
-        side: [t for k in prof.task_counts for t in times[k][f"{side}_plain"]]
-        for side in ("peft", "ours")
+    """Medians of bracketed ratios and times, and the derived speed-ups of one size."""
+
+    def pooled(k: int, side: int, field: str, name: str = "") -> list[float]:
+        out: list[float] = []
+        for pair in blocks[k]:
+            b = pair[side]
+            if field == "reference":
+                out += b.reference
+            elif name in b.times:
+                out += b.times[name] if field == "times" else b.ratios[name]
+        return out
+
+    plain = {
+        side: [t for k in prof.task_counts for t in pooled(k, i, "reference")]
+        for i, side in enumerate(("peft", "ours"))
     }
-    tb = statistics.median(all_plain["ours"])
+    tb = statistics.median(plain["ours"])
     tt = cls_fanout[min(prof.task_counts)] / min(prof.task_counts)
     one_task_cls_x: float | None = None
     rows = []
     for k in prof.task_counts:
-        block = times[k]
         row: dict[str, Any] = {"K": k}
         for method in METHODS:
-            if method not in block:
+            side = 0 if method in PEFT_METHODS else 1
+            times = pooled(k, side, "times", method)
+            if not times:
                 row[method] = None
                 continue
-            side = "peft" if method in PEFT_METHODS else "ours"
-            ms = statistics.median(block[method])
+            ms = statistics.median(times)
             row[method] = {
                 "ms": round(ms, 2),
-                "x_plain": round(median_ratio(block[method], block[f"{side}_plain"]), 3),
+                "x_plain": round(statistics.median(pooled(k, side, "ratios", method)), 3),
                 "images_per_s": round(prof.batch * 1000.0 / ms, 2),
                 "task_predictions_per_s": round(k * prof.batch * 1000.0 / ms, 1),
             }
@@ -379,12 +399,11 @@ def _summarise(
         "batch": prof.batch,
         "rounds": rounds,
         "plain_forward_ms": {
-            "peft": round(statistics.median(all_plain["peft"]), 2),
+            "peft": round(statistics.median(plain["peft"]), 2),
             "ours": round(tb, 2),
         },
         "plain_images_per_s": {
-            side: round(prof.batch * 1000.0 / statistics.median(v), 2)
-            for side, v in all_plain.items()
+            side: round(prof.batch * 1000.0 / statistics.median(v), 2) for side, v in plain.items()
         },
         "Tb_ms": round(tb, 2),
         "Tt_ms": round(tt, 3),
@@ -419,9 +438,10 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         },
         "paper": {"ratio_at_19": round(PAPER_RATIO[19], 2), "generative": PAPER_GENERATIVE},
         "goal_x_plain_at_19": GOAL_X_AT_19,
-        "unit": "x_plain = cost / one plain forward of the same side, median of same-block "
-        "ratios over rounds; ms = median time per batch on the run's clock; each K block "
-        "times every method ceil(2/K) times",
+        "unit": "x_plain = median over calls of (a call's time / the mean of the plain "
+        "forwards of the same side just before and after it); ms = median time per batch "
+        "on the run's clock; per K block and round, the peer's methods run ceil(2/K) times, "
+        f"ours {OURS_REPEATS} times",
         "archs": [measure_arch(plan, prof) for plan in prof.plans],
     }
 

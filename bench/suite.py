@@ -60,7 +60,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("registry_scale", "Registry at 1,000 tuners", _ALL, _SMOKE),
     Section("feature_cache", "Feature cache hit vs miss", _ALL, _SMOKE),
     Section("store_latency", "Tuner store latency", _QUICK),
-    Section("training_memory", "Training memory", _QUICK),
+    # Its quick mode is the tiny test backbone: numbers only a full run should publish.
+    Section("training_memory", "Training memory", _FULL),
     Section("fanout_cost", "Fan-out cost, loop vs stacked", _FULL),
     Section("backbone_eager", "Backbone eager throughput", _FULL),
 )

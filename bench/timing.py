@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 Clock = Literal["wall", "cpu"]
@@ -87,18 +88,20 @@ def interleaved(
     candidates: Mapping[str, Callable[[], object]],
     *,
     rounds: int,
-    repeats: int = 1,
+    repeats: int | Mapping[str, int] = 1,
     clock: Clock = "wall",
 ) -> dict[str, list[float]]:
     """Per-round times (ms) of every candidate, measured in turn within each round.
 
-    Each round times each candidate once (the median of ``repeats`` calls): drift of the
-    machine's speed then hits every candidate of a round alike. No warm-up here.
+    Each round times each candidate once: the median of ``repeats`` calls (one number for
+    all, or per candidate name, default 1). Drift of the machine's speed then hits every
+    candidate of a round alike. No warm-up here.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            samples = [once_ms(fn, clock) for _ in range(max(1, repeats))]
+            n = repeats if isinstance(repeats, int) else repeats.get(name, 1)
+            samples = [once_ms(fn, clock) for _ in range(max(1, n))]
             times[name].append(statistics.median(samples))
     return times
 
@@ -106,3 +109,44 @@ def interleaved(
 def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
     """Median over rounds of ``numerators[i] / denominators[i]`` (same-round ratios)."""
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
+@dataclass(frozen=True)
+class Bracketed:
+    """Times of candidates each measured between two calls of a reference."""
+
+    times: dict[str, list[float]]
+    """ms of every call of each candidate."""
+    ratios: dict[str, list[float]]
+    """Each call's time over the mean of the reference calls just before and after it."""
+    reference: list[float]
+    """ms of every reference call."""
+
+
+def bracketed(
+    reference: Callable[[], object],
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int,
+    clock: Clock = "wall",
+) -> Bracketed:
+    """Time ``ref, c1, ref, c2, ..., ref`` ``repeats`` times over.
+
+    Every candidate's ratio is taken against the reference calls that bracket it, seconds
+    apart, so a burst of load elsewhere on the machine that lasts longer than a call hits
+    numerator and denominator alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    ratios: dict[str, list[float]] = {name: [] for name in candidates}
+    refs: list[float] = []
+    for _ in range(max(1, repeats) if candidates else 0):
+        before = once_ms(reference, clock)
+        refs.append(before)
+        for name, fn in candidates.items():
+            took = once_ms(fn, clock)
+            after = once_ms(reference, clock)
+            refs.append(after)
+            times[name].append(took)
+            ratios[name].append(took / ((before + after) / 2.0))
+            before = after
+    return Bracketed(times, ratios, refs)
