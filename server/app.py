@@ -24,6 +24,7 @@ from server.demo import demo_in_background
 from server.engine.service import InferenceService
 from server.metrics import Metrics
 from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFor
+from server.middleware.rate_limit import TenantRateLimitMiddleware
 from server.middleware.request_context import RequestContextMiddleware
 from server.problems import install_exception_handlers
 from server.settings import Settings
@@ -115,6 +116,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     _mount_playground(app)
 
     # Added last = outermost: the request id and metrics see every response, 413s included.
+    app.add_middleware(TenantRateLimitMiddleware, tenancy=tenancy)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     _document_problems(app)

@@ -13,7 +13,8 @@ A token of one tenant is refused (403) for another tenant's names before anythin
 up, so the answer does not say whether the name exists. Tokens are never stored: the tokens
 file holds their sha256, and a presented token is hashed and compared in constant time with
 every entry. Quotas (tuner count, stored bytes, request rate) apply per tenant; the request
-rate is a token bucket per tenant on each replica. See docs/VERSIONS_AND_TENANTS.md.
+rate is a token bucket per tenant on each replica, charged before routing
+(:mod:`server.middleware.rate_limit`). See docs/VERSIONS_AND_TENANTS.md.
 
 Nothing here knows HTTP: failures are :class:`~server.errors.ApiError`.
 """
@@ -337,6 +338,23 @@ class Tenancy:
             d.requests_per_s if override.requests_per_s is None else override.requests_per_s,
             d.burst if override.burst is None else override.burst,
         )
+
+    @property
+    def limits_rates(self) -> bool:
+        """Whether any tenant has a request rate (else nothing needs charging)."""
+        return self._defaults.requests_per_s > 0 or any(
+            o.requests_per_s for o in self._overrides.values()
+        )
+
+    def rate_principal(self, token: str | None) -> Principal | None:
+        """Whose bucket a request with bearer ``token`` is charged to; ``None``: nobody's
+        (an admin; or, tenants on, no valid token, which the route refuses anyway)."""
+        principal = self.authenticate(token) if token else None
+        if principal is not None and principal.is_admin:
+            return None
+        if not self.enabled:
+            return ANONYMOUS
+        return principal
 
     def charge(self, principal: Principal) -> None:
         """Take one request from the principal's tenant bucket; 429 ``rate_limited`` with

@@ -26,6 +26,9 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 UNMATCHED = "unmatched"
 # Probes and scrapes arrive every few seconds; they are logged at debug level only.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# A tenant flooding past its rate gets thousands of these a minute: counted in
+# restune_rejected_requests_total{reason="rate_limited"}, logged at debug level only.
+QUIET_CODES = frozenset({"rate_limited"})
 # Any string can arrive as a method; only these become label values.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -112,7 +115,9 @@ class RequestContextMiddleware:
             m.rejected.labels(reason=code).inc()
         client = scope.get("client")
         access_log.log(
-            logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO,
+            logging.DEBUG
+            if (route in QUIET_ROUTES and status < 400) or code in QUIET_CODES
+            else logging.INFO,
             "request",
             extra={
                 "request_id": request_id,
