@@ -412,16 +412,18 @@ def test_traffic_splits_roll_back_and_refuse_bad_weights(
     asyncio.run(main())
 
 
-def test_another_replica_follows_a_split_with_its_versions_loaded(
+def follow_a_split(
     settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
 ) -> None:
+    """Replica a sets splits and a rollback; replica b (same store) follows them."""
+
     async def main() -> None:
         async with open_registry(settings, runtime) as a, open_registry(settings, runtime) as b:
             await a.register("pets", artifact("pets", seed=1))
             await a.register("pets", artifact("pets", seed=2))
             await eventually(lambda: _true(b.current("pets") is not None))
             await a.set_traffic("pets", {1: 50, 2: 50})
-            await eventually(lambda: _true(b.has_split("pets")))
+            await eventually(lambda: _true(b.traffic("pets") == {1: 50, 2: 50}))
             # The split took effect on b only once both versions were loaded there.
             assert b.is_loaded("pets", 1)
             assert b.is_loaded("pets", 2)
@@ -435,6 +437,19 @@ def test_another_replica_follows_a_split_with_its_versions_loaded(
             await eventually(lambda: _true(not b.has_split("pets")))
 
     asyncio.run(main())
+
+
+def test_another_replica_follows_a_split_with_its_versions_loaded(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    follow_a_split(settings, runtime, artifact)
+
+
+@pytest.mark.redis
+def test_another_replica_follows_a_split_on_redis(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory, clean_redis: str
+) -> None:
+    follow_a_split(settings.model_copy(update={"store": clean_redis}), runtime, artifact)
 
 
 # --- metrics per version --------------------------------------------------------------------
