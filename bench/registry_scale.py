@@ -9,9 +9,10 @@ random weights (timing only). Measured, with the server's own code:
   Redis store: registration-to-servable latency of each of the 1,000 tuners (register through
   the registry as ``PUT /v1/tuners/{name}`` does, then predict until the new version answers);
   resident memory per loaded tuner (RSS growth from 10 to 1,000 loaded, divided by 990, next
-  to the tensor bytes the registry counts); predict latency of one task with 10 and with
-  1,000 tuners registered and loaded (same image: a feature-cache hit, so the numbers show
-  what the registry's size adds; and a fresh image each time, which pays the forward);
+  to the tensor bytes the registry counts); predict latency of one task on that service
+  (1,000 registered and loaded) and on a second one in the same process holding 10 of them,
+  calls alternating between the two (same image: a feature-cache hit, so the numbers show
+  what the registry's size adds; and fresh images, which pay the forward);
 - across two ``restune serve`` replicas on one Redis (already holding the 1,000 tuners):
   ``PUT`` on replica A over HTTP, then predict on replica B over HTTP until it answers with
   the new tuner (a new name) or the new version (a known name: B learns it from the store's
@@ -126,30 +127,43 @@ async def _serves(service: InferenceService, pixels: torch.Tensor, name: str, ve
         await asyncio.sleep(0)
 
 
-async def _predict_latency(
-    service: InferenceService, pixels: torch.Tensor, name: str, prof: Profile
+async def _predict_side_by_side(
+    services: dict[str, InferenceService], pixels: torch.Tensor, name: str, prof: Profile
 ) -> dict[str, Any]:
-    """One-task predict latency: a repeated image (cache hit) and fresh images (forward)."""
+    """One-task predict latency of each service, calls alternating between them.
+
+    A repeated image (a feature-cache hit: what the registry's size could slow down) and
+    fresh images (a miss: plus one forward), the same images for every service.
+    """
     task = [TaskRef(name)]
-    await service.predict_tensor(pixels, task, 1)  # the repeated image is in the cache now
-    cached = []
+    cached: dict[str, list[float]] = {key: [] for key in services}
+    fresh: dict[str, list[float]] = {key: [] for key in services}
+    for service in services.values():
+        await service.predict_tensor(pixels, task, 1)  # the repeated image is cached now
     for _ in range(prof.predict_samples):
-        started = time.perf_counter()
-        await service.predict_tensor(pixels, task, 1)
-        cached.append((time.perf_counter() - started) * 1000.0)
-    fresh = []
-    gen = torch.Generator().manual_seed(len(list(service.registry.loaded_tuners())))
+        for key, service in services.items():
+            started = time.perf_counter()
+            await service.predict_tensor(pixels, task, 1)
+            cached[key].append((time.perf_counter() - started) * 1000.0)
+    gen = torch.Generator().manual_seed(1)
     for _ in range(prof.forward_samples):
         image = torch.randn(pixels.shape, generator=gen)  # (1, 3, H, W), never seen before
-        started = time.perf_counter()
-        await service.predict_tensor(image, task, 1)
-        fresh.append((time.perf_counter() - started) * 1000.0)
-    return {"cache_hit": summary_ms(cached), "forward": summary_ms(fresh)}
+        for key, service in services.items():
+            started = time.perf_counter()
+            await service.predict_tensor(image, task, 1)
+            fresh[key].append((time.perf_counter() - started) * 1000.0)
+    return {
+        key: {
+            "registered": len(await services[key].store.list()),
+            "cache_hit": summary_ms(cached[key]),
+            "forward": summary_ms(fresh[key]),
+        }
+        for key in services
+    }
 
 
-async def _in_process(store_url: str, backbone: Backbone, prof: Profile) -> dict[str, Any]:
-    """Register ``prof.tuners`` tuners one by one into a fresh store, measuring as we go."""
-    settings = Settings(
+def _settings(backbone: Backbone, store_url: str) -> Settings:
+    return Settings(
         backbone=backbone.arch,
         backbone_weights="random:0",
         store=store_url,
@@ -159,7 +173,14 @@ async def _in_process(store_url: str, backbone: Backbone, prof: Profile) -> dict
         max_wait_ms=0.0,
         request_timeout_s=120.0,
     )
-    service = InferenceService(settings, Metrics(), backbone=backbone)
+
+
+async def _in_process(
+    store_url: str, few_store_url: str, backbone: Backbone, prof: Profile
+) -> dict[str, Any]:
+    """Register ``prof.tuners`` tuners one by one into a fresh store, measuring as we go;
+    then predict on it and on a second service holding ``prof.small`` of them, alternately."""
+    service = InferenceService(_settings(backbone, store_url), Metrics(), backbone=backbone)
     await service.start()
     side = backbone.data_config.input_size
     pixels = torch.randn((1, *side), generator=torch.Generator().manual_seed(0))  # (1, 3, H, W)
@@ -177,12 +198,21 @@ async def _in_process(store_url: str, backbone: Backbone, prof: Profile) -> dict
             if i + 1 == prof.small:
                 gc.collect()
                 rss_small = rss_bytes()
-                report["predict_few"] = await _predict_latency(service, pixels, names[0], prof)
-                report["predict_few"]["registered"] = prof.small
         gc.collect()
         rss_large = rss_bytes()
-        report["predict_many"] = await _predict_latency(service, pixels, names[0], prof)
-        report["predict_many"]["registered"] = prof.tuners
+        few = InferenceService(_settings(backbone, few_store_url), Metrics(), backbone=backbone)
+        await few.start()
+        try:
+            for i, name in enumerate(names[: prof.small]):
+                await few.registry.register(
+                    name, artifact(name, backbone, prof.last_blocks, seed=i)
+                )
+            latency = await _predict_side_by_side(
+                {"few": few, "many": service}, pixels, names[0], prof
+            )
+        finally:
+            await few.stop()
+        report["predict_few"], report["predict_many"] = latency["few"], latency["many"]
         loaded = list(service.registry.loaded_tuners())
         grown = prof.tuners - prof.small
         report.update(
@@ -303,14 +333,17 @@ def run(quick: bool = False, *, smoke: bool = False) -> dict[str, Any]:
         "few": prof.small,
     }
     with tempfile.TemporaryDirectory(prefix="restune-bench-scale-") as tmp:
-        report["file"] = asyncio.run(_in_process(f"file://{tmp}/tuners", backbone, prof))
+        urls = (f"file://{tmp}/tuners", f"file://{tmp}/few")
+        report["file"] = asyncio.run(_in_process(*urls, backbone, prof))
     with redis_server() as url:
         if url is None:
             report["redis"] = {"skipped": "no REDIS_URL and no redis-server on PATH"}
             report["replicas"] = report["redis"]
             return report
-        store_url = f"{url}?prefix=benchscale{uuid.uuid4().hex[:8]}"
-        report["redis"] = asyncio.run(_in_process(store_url, backbone, prof))
+        run_id = uuid.uuid4().hex[:8]
+        store_url = f"{url}?prefix=benchscale{run_id}"
+        few_url = f"{url}?prefix=benchfew{run_id}"
+        report["redis"] = asyncio.run(_in_process(store_url, few_url, backbone, prof))
         report["replicas"] = _replicas(store_url, backbone, prof)
     return report
 
