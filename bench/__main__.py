@@ -1,8 +1,9 @@
 """``python -m bench [--full | --smoke] [--only NAME,...] [--out DIR]``: run the suite, render
 ``REPORT.md`` and the plots.
 
-Profiles: ``quick`` (default; under 10 minutes on 2 cores), ``--full`` (bigger: ViT-B/16 too,
-more rounds and samples), ``--smoke`` (tiny backbone, seconds: the suite's own test).
+Profiles: ``quick`` (default; under 10 minutes on 2 cores; writes ``bench/results/``),
+``--full`` (bigger: ViT-B/16 too, more rounds and samples; writes ``bench/results/full/``),
+``--smoke`` (tiny backbone, seconds: the suite's own test).
 Exit status 1 when a section failed (its JSON says why; the report still renders).
 """
 
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", metavar="NAME,...", help=f"run these sections only: {', '.join(BY_NAME)}"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default bench/results, or bench/results/full with --full)",
+    )
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--report-only", action="store_true", help="render the report, run nothing")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / "full" if args.full else RESULTS
     timing.configure(clock=args.clock, threads=args.threads)
     if not args.report_only:
         profile: ProfileName = "full" if args.full else "smoke" if args.smoke else "quick"
