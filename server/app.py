@@ -80,6 +80,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
         service = InferenceService(settings, metrics)
     else:
         metrics = service.metrics
+    tenancy.rates.on_fallback = metrics.rate_limit_fallbacks.inc
     running = service
 
     @asynccontextmanager

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 OTHER = "other"
@@ -187,6 +187,11 @@ class Metrics:
             "CUDA graph plans held.",
             registry=r,
         )
+        self.rate_limit_fallbacks = Counter(
+            "restune_rate_limit_fallbacks",
+            "Tenant rate checks counted in this process because the shared Redis failed.",
+            registry=r,
+        )
         self._max_task_labels = max_task_labels
         self._task_labels: set[str] = set()
         self._max_version_labels = max_version_labels
@@ -241,9 +246,38 @@ class Metrics:
         """The state the tuner gauges show now (empty until :meth:`watch_tuners`)."""
         return self._tuner_state()
 
-    def render(self) -> bytes:
-        """The exposition text."""
-        return generate_latest(self.registry)
+    def render(self, shows_task: Callable[[str], bool] | None = None) -> bytes:
+        """The exposition text; with ``shows_task``, only the series whose ``task`` label it
+        accepts (series without a ``task`` label always show).
+
+        Tenants must not learn each other's tuner names from a scrape, so a scrape that is
+        not the operator's renders through this filter (``server.api.health``).
+        """
+        if shows_task is None:
+            return generate_latest(self.registry)
+        return generate_latest(_TaskFilter(self.registry, shows_task))
+
+
+TASK_LABEL = "task"
+"""The one label whose values are tuner names (every per-tuner series uses it)."""
+
+
+class _TaskFilter(Collector):
+    """A registry's families with the samples of unshown tasks left out."""
+
+    def __init__(self, registry: CollectorRegistry, shows_task: Callable[[str], bool]) -> None:
+        self._registry = registry
+        self._shows = shows_task
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [
+                s
+                for s in family.samples
+                if TASK_LABEL not in s.labels or self._shows(s.labels[TASK_LABEL])
+            ]
+            yield kept
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,10 @@ class Settings(BaseSettings):
     tenant_max_tuner_bytes: int = Field(default=0, ge=0)
     """Artifact bytes one tenant may store over all versions (0: no limit)."""
     tenant_requests_per_s: float = Field(default=0.0, ge=0)
-    """Token-bucket refill rate of one tenant's API requests on this replica (0: no limit)."""
+    """API requests per second one tenant may make, summed over every replica that shares the
+    Redis store (per replica with a file store); 0: no limit."""
     tenant_burst: int = Field(default=0, ge=0)
-    """Token-bucket size (0: the rate rounded up, at least 1)."""
+    """Most requests one tenant may make back to back (0: the rate rounded up, at least 1)."""
 
     # --- batching ----------------------------------------------------------------------
     max_batch_images: int = Field(default=32, gt=0, le=4096)

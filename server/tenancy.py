@@ -7,14 +7,16 @@ writes need the admin token, as before. With ``tenants_enabled``, tuners are nam
 - ``admin``: everything, every tenant;
 - ``writer`` of a tenant: read, invoke, register, delete and split traffic of that tenant's
   tuners;
-- ``reader`` of a tenant: list, describe and invoke that tenant's tuners.
+- ``reader`` of a tenant: list, describe and invoke that tenant's tuners;
+- ``metrics``: every series of ``/metrics`` (for Prometheus), nothing else. Without it (or
+  an admin token) a scrape shows no tuner's series but the caller's own tenant's.
 
 A token of one tenant is refused (403) for another tenant's names before anything is looked
 up, so the answer does not say whether the name exists. Tokens are never stored: the tokens
 file holds their sha256, and a presented token is hashed and compared in constant time with
 every entry. Quotas (tuner count, stored bytes, request rate) apply per tenant; the request
-rate is a token bucket per tenant on each replica, charged before routing
-(:mod:`server.middleware.rate_limit`). See docs/VERSIONS_AND_TENANTS.md.
+rate is counted per tenant across replicas (:mod:`server.rate_limits`) and charged before
+routing (:mod:`server.middleware.rate_limit`). See docs/VERSIONS_AND_TENANTS.md.
 
 Nothing here knows HTTP: failures are :class:`~server.errors.ApiError`.
 """
@@ -26,10 +28,8 @@ import contextlib
 import hashlib
 import hmac
 import json
-import math
-import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -37,6 +37,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ApiError
+from server.rate_limits import Rate, TenantRateLimiter
 from server.settings import Settings
 from tuners_store import InvalidName, VersionInfo
 from tuners_store.names import split_qualified_name, validate_name, validate_qualified_name
@@ -48,7 +49,7 @@ QUOTA_RETRY_AFTER_S = 60.0
 MAX_TOKEN_CHARS = 4096
 """Longest bearer token looked at (longer ones are refused without hashing megabytes)."""
 
-Scope = Literal["admin", "writer", "reader"]
+Scope = Literal["admin", "writer", "reader", "metrics"]
 
 
 class TokenEntry(BaseModel):
@@ -79,9 +80,9 @@ class TokenEntry(BaseModel):
 
     @model_validator(mode="after")
     def _scoped(self) -> TokenEntry:
-        if self.scope == "admin" and self.tenant is not None:
-            raise ValueError("an admin token covers every tenant: leave 'tenant' out")
-        if self.scope != "admin" and self.tenant is None:
+        if self.scope in ("admin", "metrics") and self.tenant is not None:
+            raise ValueError(f"a {self.scope} token covers every tenant: leave 'tenant' out")
+        if self.scope in ("writer", "reader") and self.tenant is None:
             raise ValueError(f"a {self.scope} token needs the 'tenant' it is scoped to")
         return self
 
@@ -152,7 +153,7 @@ class Quota:
 class Principal:
     """Who a request acts as: a token's scope and tenant (``None`` for admins)."""
 
-    scope: Literal["admin", "writer", "reader", "anonymous"]
+    scope: Literal["admin", "writer", "reader", "metrics", "anonymous"]
     tenant: str | None
     label: str = ""
 
@@ -164,25 +165,6 @@ class Principal:
 ADMIN = Principal("admin", None, "admin token")
 ANONYMOUS = Principal("anonymous", DEFAULT_TENANT)
 """Every caller of a read route when tenants are off."""
-
-
-class TokenBucket:
-    """``rate`` requests per second with bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = now
-
-    def take(self, now: float) -> float:
-        """Take one token: 0.0 if there was one, else the seconds until there is."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
 
 
 class UsageLike(Protocol):
@@ -213,10 +195,11 @@ class Tenancy:
         settings: Settings,
         tokens: TokensFile | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        rates: TenantRateLimiter | None = None,
     ) -> None:
         self.enabled = settings.tenants_enabled
-        self._clock = clock
+        self.rates = rates or TenantRateLimiter(settings.store)
+        """Where request rates are counted: the Redis store's, shared by every replica."""
         self._defaults = Quota(
             settings.tenant_max_tuners,
             settings.tenant_max_tuner_bytes,
@@ -225,7 +208,7 @@ class Tenancy:
         )
         tokens = tokens or TokensFile()
         if not self.enabled:
-            scoped = sorted({e.scope for e in tokens.tokens if e.scope != "admin"})
+            scoped = sorted({e.scope for e in tokens.tokens if e.scope in ("writer", "reader")})
             if scoped:
                 raise ValueError(
                     f"the tokens file has {'/'.join(scoped)} tokens, which only mean something "
@@ -237,7 +220,6 @@ class Tenancy:
             entries.append((token_sha256(admin_token), ADMIN))
         self._entries = tuple((bytes.fromhex(digest), who) for digest, who in entries)
         self._overrides = dict(tokens.tenants)
-        self._buckets: dict[str, TokenBucket] = {}
         self._upload_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
@@ -356,26 +338,21 @@ class Tenancy:
             return ANONYMOUS
         return principal
 
-    def charge(self, principal: Principal) -> None:
-        """Take one request from the principal's tenant bucket; 429 ``rate_limited`` with
-        Retry-After when it is empty. Admins are not limited."""
+    async def charge(self, principal: Principal) -> None:
+        """Count one request against the principal's tenant rate (on every replica alike);
+        429 ``rate_limited`` with Retry-After when it is spent. Admins are not limited."""
         if principal.tenant is None:
             return
         quota = self.quota(principal.tenant)
         if quota.requests_per_s <= 0:
             return
-        now = self._clock()
-        bucket = self._buckets.get(principal.tenant)
-        if bucket is None:
-            burst = quota.burst or max(1, math.ceil(quota.requests_per_s))
-            bucket = self._buckets[principal.tenant] = TokenBucket(quota.requests_per_s, burst, now)
-        wait = bucket.take(now)
-        if wait > 0:
+        verdict = await self.rates.charge(principal.tenant, Rate(quota.requests_per_s, quota.burst))
+        if not verdict.allowed:
             raise ApiError(
                 "rate_limited",
                 f"tenant {principal.tenant!r} is over its rate of {quota.requests_per_s:g} "
                 "requests/s",
-                retry_after=max(1.0, wait),
+                retry_after=verdict.retry_after_s,
                 tenant=principal.tenant,
             )
 

@@ -3,7 +3,9 @@ the principal (who is calling) of read and mutating routes."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -87,8 +89,8 @@ async def require_admin(
     principal = tenancy.authenticate(presented)
     if principal is None:
         raise ApiError("forbidden", "the bearer token is not the admin token")
-    if principal.scope == "reader":
-        raise ApiError("forbidden", "this token may read, not change tuners")
+    if principal.scope in ("reader", "metrics"):
+        raise ApiError("forbidden", f"a {principal.scope} token may not change tuners")
     return principal
 
 
@@ -111,6 +113,31 @@ async def require_reader(request: Request, tenancy: TenancyDep) -> Principal:
     return principal
 
 
+async def metrics_filter(request: Request, tenancy: TenancyDep) -> Callable[[str], bool] | None:
+    """Which tuners' series a ``/metrics`` scrape shows; ``None``: every series.
+
+    Tenants off: everything (one tenant). Tenants on: an admin or ``metrics`` token sees
+    everything; a tenant's token its own tuners' series; no token (or a token nobody issued)
+    none, so an anonymous scrape never names a tenant's tuner. Series without a tuner label
+    (requests by route, batches, the backbone) show to everyone.
+    """
+    if not tenancy.enabled:
+        return None
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    principal = tenancy.authenticate(presented.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        return _no_task
+    if principal.scope in ("admin", "metrics"):
+        return None
+    return functools.partial(tenancy.visible, principal)
+
+
+def _no_task(task: str) -> bool:
+    return False
+
+
+MetricsFilterDep = Annotated[Callable[[str], bool] | None, Depends(metrics_filter)]
+"""``/metrics``: which ``task`` label values the caller may see (``None``: all)."""
 AdminDep = Annotated[Principal, Depends(require_admin)]
 """Mutating routes: the principal allowed to change tuners (check its tenant per name)."""
 ReaderDep = Annotated[Principal, Depends(require_reader)]

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.deps import MetricsDep, ServiceDep
+from server.api.deps import MetricsDep, MetricsFilterDep, ServiceDep
 from server.api.schemas import Live, Ready
 
 router = APIRouter(tags=["health"])
@@ -56,6 +56,7 @@ def not_ready_reasons(report: dict[str, Any]) -> list[str]:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Exposition text"}},
 )
-async def metrics(metrics: MetricsDep) -> Response:
-    """Every ``restune_*`` metric in the Prometheus text format."""
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(metrics: MetricsDep, shows_task: MetricsFilterDep) -> Response:
+    """Every ``restune_*`` metric in the Prometheus text format. With tenants on, per-tuner
+    series need a token: an admin or ``metrics`` token sees all, a tenant's token its own."""
+    return Response(metrics.render(shows_task), media_type=CONTENT_TYPE_LATEST)

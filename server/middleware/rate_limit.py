@@ -1,6 +1,6 @@
 """Per-tenant request rates, enforced before routing.
 
-A request over its tenant's token bucket (:meth:`server.tenancy.Tenancy.charge`) is answered
+A request over its tenant's rate (:meth:`server.tenancy.Tenancy.charge`) is answered
 429 ``rate_limited`` with Retry-After right here: no handler runs and its body is never
 read. A tenant flooding the server so costs little of what the other tenants share (measured
 on a 2-core box: 1.3 ms of server CPU per refusal when the refusal came from a route
@@ -55,7 +55,7 @@ class TenantRateLimitMiddleware:
         principal = self.tenancy.rate_principal(bearer_token(scope))
         try:
             if principal is not None:
-                self.tenancy.charge(principal)
+                await self.tenancy.charge(principal)
         except ApiError as exc:
             _route_for_metrics(scope)
             if path.startswith(OIP_PREFIX):  # the protocol's own error shape

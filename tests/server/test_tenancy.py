@@ -1,11 +1,14 @@
 """Tenancy without a server: the tokens file, token matching, who may touch which name, the
-token bucket and the quota merge; a bad tokens file stops ``restune serve`` with exit 2."""
+request rates (in this process and shared by replicas through a real Redis) and the quota
+merge; a bad tokens file stops ``restune serve`` with exit 2."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +16,22 @@ import pytest
 
 from server.app import create_app
 from server.errors import ApiError
+from server.rate_limits import Rate
 from server.settings import Settings
 from server.tenancy import (
     ADMIN,
     ANONYMOUS,
     Principal,
     Tenancy,
-    TokenBucket,
     read_tokens_file,
     token_sha256,
 )
 from tests.fixtures.live_server import REPO_ROOT
+from tests.fixtures.redis_server import free_port
 
 WRITER = Principal("writer", "acme", "ci")
 READER = Principal("reader", "acme", "dash")
 OTHER = Principal("writer", "bolt", "ci")
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def tokens_doc() -> dict[str, Any]:
@@ -47,18 +41,17 @@ def tokens_doc() -> dict[str, Any]:
             {"sha256": token_sha256("acme-w"), "scope": "writer", "tenant": "acme"},
             {"sha256": token_sha256("acme-r").upper(), "scope": "reader", "tenant": "acme"},
         ],
-        "tenants": {"acme": {"max_tuners": 3, "requests_per_s": 2, "burst": 2}},
+        # 2 back to back, then one per 10 s: the window (20 s) outlasts any test's calls.
+        "tenants": {"acme": {"max_tuners": 3, "requests_per_s": 0.1, "burst": 2}},
     }
 
 
-def tenancy(clock: Clock | None = None, **settings: Any) -> Tenancy:
+def tenancy(**settings: Any) -> Tenancy:
     from server.tenancy import TokensFile
 
     values: dict[str, Any] = {"tenants_enabled": True, "tenant_max_tuner_bytes": 1000}
     values.update(settings)
-    return Tenancy(
-        Settings(**values), TokensFile.model_validate(tokens_doc()), clock=clock or Clock()
-    )
+    return Tenancy(Settings(**values), TokensFile.model_validate(tokens_doc()))
 
 
 def test_tokens_file_in_toml_and_json(tmp_path: Path) -> None:
@@ -142,36 +135,72 @@ def test_who_may_touch_which_name() -> None:
         off.check_write(ANONYMOUS, "pets")
 
 
-def test_token_bucket() -> None:
-    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
-    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert bucket.take(0.0) == pytest.approx(0.5)  # one token every 0.5 s
-    assert bucket.take(0.25) == pytest.approx(0.25)
-    assert bucket.take(0.5) == 0.0
-    assert bucket.take(100.0) == 0.0  # refills to the burst, not beyond
-    assert bucket.tokens == pytest.approx(2.0)
+def test_rate_maps_onto_a_window() -> None:
+    """Long-run rate ``per_s``; at most ``burst`` (default: the rate rounded up) at once."""
+    cases = [(5.0, 0, (5, 1)), (5.0, 5, (5, 1)), (0.5, 0, (1, 2)), (2.0, 10, (10, 5))]
+    for per_s, burst, (amount, window) in cases:
+        item = Rate(per_s, burst).item()
+        assert (item.amount, item.get_expiry()) == (amount, window), (per_s, burst)
+
+
+LIMITED = "rate_limited 429 True"
+"""A refusal as :func:`charge_all` reports it: code, status, a Retry-After of 1 s or more."""
+
+
+async def charge_all(t: Tenancy, *who: Principal) -> list[str]:
+    """Charge each principal in turn: ``ok`` or the refusal's code."""
+    out = []
+    for p in who:
+        try:
+            await t.charge(p)
+            out.append("ok")
+        except ApiError as exc:
+            out.append(f"{exc.code} {exc.status} {int(exc.headers()['Retry-After']) >= 1}")
+    return out
 
 
 def test_rate_limit_per_tenant_with_retry_after() -> None:
-    clock = Clock()
-    t = tenancy(clock)
-    t.charge(WRITER)
-    t.charge(READER)  # same tenant: same bucket (burst 2)
-    with pytest.raises(ApiError) as err:
-        t.charge(WRITER)
-    assert (err.value.code, err.value.status) == ("rate_limited", 429)
-    assert err.value.headers()["Retry-After"] == "1"
-    for _ in range(50):
-        t.charge(OTHER)  # bolt has no rate, and acme's bucket is not bolt's
-        t.charge(ADMIN)  # admins are not limited
-    clock.now += 0.5  # 2 per second
-    t.charge(READER)
+    t = tenancy()
+    assert not t.rates.shared  # a file store: one replica, counts in this process
+
+    async def run() -> None:
+        # acme's writer and reader share one rate (burst 2); bolt has none; admins are free.
+        assert await charge_all(t, WRITER, READER, WRITER) == ["ok", "ok", LIMITED]
+        assert set(await charge_all(t, *[OTHER, ADMIN] * 25)) == {"ok"}
+
+    asyncio.run(run())
+
+
+@pytest.mark.redis
+def test_rate_limit_holds_across_replicas(redis_url: str) -> None:
+    """Two replicas on one Redis grant a tenant its rate once, not twice."""
+    store = f"{redis_url}?prefix=rates-{uuid.uuid4().hex[:8]}"
+    a, b = tenancy(store=store), tenancy(store=store)
+    assert a.rates.shared
+    assert b.rates.shared
+
+    async def run() -> None:
+        assert await charge_all(a, WRITER) + await charge_all(b, READER) == ["ok", "ok"]
+        assert await charge_all(a, WRITER) + await charge_all(b, READER) == [LIMITED] * 2
+
+    asyncio.run(run())
+
+
+def test_rate_limit_survives_a_store_outage() -> None:
+    """Redis unreachable: requests are still charged (per replica), never failed or stalled
+    for long, and each fallback is reported."""
+    falls: list[int] = []
+    t = tenancy(store=f"redis://127.0.0.1:{free_port()}/0")
+    t.rates.on_fallback = lambda: falls.append(1)
+    verdicts = asyncio.run(charge_all(t, WRITER, READER, WRITER))
+    assert verdicts == ["ok", "ok", LIMITED]
+    assert falls == [1]  # asked once, then local until the retry interval passes
 
 
 def test_quotas_merge_overrides_over_settings() -> None:
     t = tenancy(tenant_max_tuners=10, tenant_requests_per_s=5.0)
     acme, bolt = t.quota("acme"), t.quota("bolt")
-    assert (acme.max_tuners, acme.max_tuner_bytes, acme.requests_per_s) == (3, 1000, 2)
+    assert (acme.max_tuners, acme.max_tuner_bytes, acme.requests_per_s) == (3, 1000, 0.1)
     assert (bolt.max_tuners, bolt.max_tuner_bytes, bolt.requests_per_s) == (10, 1000, 5.0)
 
 

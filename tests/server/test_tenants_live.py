@@ -25,13 +25,14 @@ from tests.fixtures.live_server import TEST_ADMIN_TOKEN, LiveServer
 from tests.fixtures.models import tiny_images
 from tests.fixtures.tuners import make_artifact, make_config
 
-TOKENS = {
+TOKENS: dict[str, tuple[str, str | None]] = {
     "acme-writer": ("writer", "acme"),
     "acme-reader": ("reader", "acme"),
     "bolt-writer": ("writer", "bolt"),
     "bolt-reader": ("reader", "bolt"),
     "tiny-writer": ("writer", "tiny"),
     "slow-reader": ("reader", "slow"),
+    "scraper": ("metrics", None),
 }
 """Token (its own text, for the test) -> (scope, tenant)."""
 TARGET = "acme/kept"
@@ -322,3 +323,37 @@ def test_request_rate_per_tenant(client: httpx.Client) -> None:
     assert client.get("/v1/tuners", headers=bearer("bolt-reader")).status_code == 200
     metrics = client.get("/metrics").text
     assert 'restune_rejected_requests_total{reason="rate_limited"}' in metrics
+
+
+def test_metrics_name_no_other_tenants_tuners(client: httpx.Client) -> None:
+    """An anonymous scrape names no tuner; a tenant's token shows its own tuners' series
+    only; the admin and ``metrics`` tokens show every tenant's."""
+    for name, token in ((OWN, "acme-reader"), ("bolt/own", "bolt-reader")):
+        resp = client.post(
+            "/v1/predict",
+            files=[("image", ("a.png", IMAGE, "image/png"))],
+            data={"tasks": name},
+            headers=bearer(token),
+        )
+        assert resp.status_code == 200, resp.text
+
+    def scrape(headers: dict[str, str]) -> str:
+        resp = client.get("/metrics", headers=headers)
+        assert resp.status_code == 200
+        return resp.text
+
+    for headers in ({}, bearer("not-a-token")):
+        text = scrape(headers)
+        assert "acme/" not in text
+        assert "bolt/" not in text
+        assert "restune_requests_total" in text  # series without tuner names still show
+    acme = scrape(bearer("acme-reader"))
+    assert f'task="{OWN}"' in acme
+    assert "bolt/" not in acme
+    for token in ("scraper", TEST_ADMIN_TOKEN):
+        text = scrape(bearer(token))
+        assert f'task="{OWN}"' in text
+        assert 'task="bolt/own"' in text
+    # The metrics token reads metrics only.
+    assert client.get("/v1/tuners", headers=bearer("scraper")).json()["tuners"] == []
+    assert client.get(f"/v1/tuners/{OWN}", headers=bearer("scraper")).status_code == 403
