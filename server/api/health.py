@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -56,7 +56,9 @@ def not_ready_reasons(report: dict[str, Any]) -> list[str]:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Exposition text"}},
 )
-async def metrics(metrics: MetricsDep, shows_task: MetricsFilterDep) -> Response:
-    """Every ``restune_*`` metric in the Prometheus text format. With tenants on, per-tuner
-    series need a token: an admin or ``metrics`` token sees all, a tenant's token its own."""
-    return Response(metrics.render(shows_task), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, metrics: MetricsDep, shows_task: MetricsFilterDep) -> Response:
+    """Every ``restune_*`` and ``process_*`` metric, in OpenMetrics when the scraper accepts
+    it, else the Prometheus text format. With tenants on, per-tuner series need a token: an
+    admin or ``metrics`` token sees all, a tenant's token its own."""
+    body, content_type = metrics.exposition(shows_task, request.headers.get("accept", ""))
+    return Response(body, headers={"Content-Type": content_type})
