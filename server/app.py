@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
 from server.api import health, predict, tuners
@@ -96,7 +97,10 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
             # whatever is still queued in the batcher.
             await running.stop()
 
-    app = FastAPI(
+    # The docs pages load Swagger UI and ReDoc from files installed with the server, not from
+    # a CDN: an offline or firewalled host showed a blank /docs.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_URL,
         title="restune",
         summary="One frozen backbone forward, many task tuners.",
         description=(
@@ -124,6 +128,8 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     return app
 
 
+DOCS_ASSETS_URL = "/static/docs"
+"""Where the Swagger UI and ReDoc assets of ``/docs`` and ``/redoc`` are served."""
 TENANT_SCHEME = "TenantToken"
 _TENANT_ROUTES = ("/v1/", "/v2/models", "/v2/repository")
 

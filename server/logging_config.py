@@ -1,4 +1,5 @@
-"""Process logging: JSON lines (one object per record) or plain text, on stderr.
+"""Process logging on stderr: plain text at a terminal, JSON lines (one object per record)
+anywhere else, unless the setting says which.
 
 Access records carry structured fields (``request_id``, ``route``, ``status``...) passed through
 ``logging``'s ``extra``. Secrets are scrubbed from every record before it is written: the admin
@@ -88,14 +89,22 @@ class TextFormatter(logging.Formatter):
         return f"{line} {' '.join(extras)}" if extras else line
 
 
+def resolve_format(log_format: Literal["auto", "json", "text"]) -> Literal["json", "text"]:
+    """``auto``: text for a person at a terminal, JSON for anything that ships logs."""
+    if log_format != "auto":
+        return log_format
+    return "text" if sys.stderr.isatty() else "json"
+
+
 def configure_logging(
-    log_format: Literal["json", "text"] = "json",
+    log_format: Literal["auto", "json", "text"] = "auto",
     level: str = "info",
     secrets: list[str] | None = None,
 ) -> None:
     """Route the root, uvicorn and restune loggers to one stderr handler in ``log_format``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else TextFormatter())
+    formatter = JsonLinesFormatter() if resolve_format(log_format) == "json" else TextFormatter()
+    handler.setFormatter(formatter)
     handler.addFilter(SecretScrubber(secrets or []))
     root = logging.getLogger()
     for old in list(root.handlers):

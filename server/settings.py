@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     """TCP port; 0 picks a free one (the URL is printed at start)."""
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     """On SIGTERM, how long in-flight requests may take to finish before connections close."""
-    log_format: Literal["json", "text"] = "json"
-    """``json``: one JSON object per line (for log shippers); ``text``: for a terminal."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """``json``: one JSON object per line (for log shippers); ``text``: for a person;
+    ``auto``: text when stderr is a terminal, JSON otherwise (a container, a file, a pipe)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Root log level (``debug`` also logs probe and scrape requests)."""
     home: str = "~/.cache/restune"

@@ -1,4 +1,4 @@
-"""The direction of imports between our packages (DESIGN.md section 1), checked statically.
+"""The direction of imports between our packages, checked statically.
 
 clients -> nothing of ours; tuners_store -> nothing of ours (and never torch);
 restuning -> tuners_store (and clients from its CLI adapter only, for ``train --push``);

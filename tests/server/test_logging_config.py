@@ -1,10 +1,14 @@
-"""JSON-lines log records and the secret scrubber."""
+"""JSON-lines and text log records, the format chosen by the terminal, and the secret
+scrubber."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
+import pty
+import subprocess
 import sys
 
 import pytest
@@ -16,6 +20,7 @@ from server.logging_config import (
     TextFormatter,
     configure_logging,
 )
+from tests.fixtures.live_server import REPO_ROOT
 
 SECRET = "s3cr3t-token-value"
 
@@ -88,3 +93,29 @@ def test_configure_logging_writes_json_to_stderr_without_the_token(
 def test_text_format_appends_extras() -> None:
     line = TextFormatter().format(record("request", route="/v1/predict", status=200))
     assert line.endswith("route=/v1/predict status=200")
+
+
+LOG_ONE_LINE = (
+    "import logging; from server.logging_config import configure_logging; "
+    "configure_logging('auto'); logging.getLogger('restune.test').warning('hello')"
+)
+
+
+def test_auto_format_is_text_at_a_terminal_and_json_elsewhere() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    piped = subprocess.run(
+        [sys.executable, "-c", LOG_ONE_LINE], capture_output=True, env=env, check=True
+    )
+    assert json.loads(piped.stderr)["msg"] == "hello"
+
+    controller, terminal = pty.openpty()
+    try:
+        subprocess.run(
+            [sys.executable, "-c", LOG_ONE_LINE], stderr=terminal, env=env, check=True, timeout=60
+        )
+        line = os.read(controller, 4096).decode()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "WARNING restune.test: hello" in line
+    assert not line.lstrip().startswith("{")
