@@ -92,11 +92,14 @@ def train_demo_artifacts(
     epochs: int | None = None,
     tasks: Sequence[DemoTask] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_trained: Callable[[str, bytes], None] | None = None,
 ) -> list[tuple[str, bytes]]:
     """Train every demo task on ``backbone``; returns ``(name, artifact bytes)`` pairs.
 
     ``per_class`` / ``epochs`` override every task's (quick runs and tests). Features are
-    cached under ``cache_dir`` (None: in memory, for this call only).
+    cached under ``cache_dir`` (None: in memory, for this call only). ``on_trained`` gets each
+    artifact as soon as its task is trained, before the next one starts (the server registers
+    it there, so the first demo task answers minutes before the last is trained).
     """
     reporter = Reporter(progress, should_stop)
     cache = FeatureCache(cache_dir, backbone, demo_spec(backbone))
@@ -114,7 +117,10 @@ def train_demo_artifacts(
             progress=progress,
             should_stop=should_stop,
         )
-        artifacts.append((task.name, save_task(trained.module)))
+        artifact = save_task(trained.module)
+        if on_trained is not None:
+            on_trained(task.name, artifact)
+        artifacts.append((task.name, artifact))
     return artifacts
 
 

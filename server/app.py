@@ -21,7 +21,7 @@ from starlette.types import Scope
 
 from server.api import health, predict, tuners
 from server.api.schemas import document_problems
-from server.demo import demo_in_background
+from server.demo import DemoStatus, demo_in_background
 from server.engine.service import InferenceService
 from server.metrics import Metrics
 from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware, LimitFor
@@ -83,6 +83,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
         metrics = service.metrics
     tenancy.rates.on_fallback = metrics.rate_limit_fallbacks.inc
     running = service
+    demo = DemoStatus()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +91,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
         try:
             # With RESTUNE_DEMO, an empty store gets the demo tuners, trained beside the
             # already-serving app (they appear when ready).
-            async with demo_in_background(running, settings):
+            async with demo_in_background(running, settings, demo):
                 yield
         finally:
             # Uvicorn has stopped accepting and waited for in-flight requests; stop() drains
@@ -114,6 +115,7 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
     app.state.metrics = metrics
     app.state.service = service
     app.state.tenancy = tenancy
+    app.state.demo = demo
 
     install_exception_handlers(app)
     for router in (predict.router, tuners.router, health.router, *_optional_routers()):

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from restuning.demo import demo_tasks
-from server.demo import bootstrap_demo, demo_in_background
+from restuning.train.progress import TrainingCancelledError
+from server.demo import DemoStatus, bootstrap_demo, demo_in_background
 from server.engine.service import InferenceService, TaskRef
 from server.metrics import Metrics
 from server.settings import Settings
@@ -103,3 +104,42 @@ def test_background_bootstrap_stops_with_the_server(tmp_path: Path) -> None:
     done, stored = asyncio.run(main())
     assert done
     assert stored == {}  # cancelled before anything was registered
+
+
+def test_each_demo_tuner_is_registered_as_soon_as_it_is_trained(tmp_path: Path) -> None:
+    """Stopped once the first tuner is registered: that one is in the store and answers; the
+    status says how far the bootstrap got."""
+    settings = demo_settings(tmp_path)
+    status = DemoStatus()
+    hints: list[str | None] = []
+
+    def stop_after_first() -> bool:
+        if status.registered and not hints:
+            hints.extend([status.pending_hint("face"), status.pending_hint("digit")])
+        return bool(status.registered)
+
+    async def main() -> dict[str, Any]:
+        async with running(settings) as service:
+            with pytest.raises(TrainingCancelledError):
+                await bootstrap_demo(
+                    service,
+                    settings,
+                    status=status,
+                    per_class=2,
+                    epochs=1,
+                    should_stop=stop_after_first,
+                )
+            return await service.store.list()
+
+    stored = asyncio.run(main())
+    first = demo_tasks()[0].name
+    assert set(stored) == {first}
+    assert status.registered == [first]
+    report = status.report()
+    assert (report["state"], report["registered"]) == ("cancelled", [first])
+    assert report["tasks"] == [t.name for t in demo_tasks()]
+    face_hint, digit_hint = hints
+    assert face_hint is not None
+    assert "still being trained (1 of 5" in face_hint
+    assert digit_hint is None  # already registered: no hint
+    assert DemoStatus().pending_hint("face") is None  # no bootstrap running
