@@ -14,6 +14,7 @@ from torch import nn
 from restuning.tuners.task import TaskModule, build_task
 from tuners_store.artifact import (
     DEFAULT_MAX_ARTIFACT_BYTES,
+    ArtifactHeader,
     RawTensor,
     pack_raw,
     validate_artifact,
@@ -55,5 +56,20 @@ def load_task(
     cast to ``dtype`` and lives on ``final_norm``'s device.
     """
     header = validate_artifact(data, expect_fingerprint=expect_fingerprint, max_bytes=max_bytes)
+    return build_validated(header, data, final_norm, dtype=dtype)
+
+
+def build_validated(
+    header: ArtifactHeader,
+    data: bytes,
+    final_norm: nn.LayerNorm,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> TaskModule:
+    """The module of ``data``, whose ``header`` came from ``validate_artifact`` (not re-checked).
+
+    For callers that validated the bytes already and kept the header (the server's admission):
+    validating twice costs as much as the first time, on every registration.
+    """
     tensors = {name: t.to(dtype) for name, t in load(data).items()}
     return build_task(header.config, tensors, final_norm)

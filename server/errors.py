@@ -38,6 +38,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "artifact_too_large": 413,
     "artifact_header_too_large": 413,
     "tuner_load_failed": 500,
+    "tuner_unloadable": 409,
     "internal": 500,
 }
 """HTTP status of every code. Artifact codes not listed (``artifact_*``) map to 422."""
@@ -50,6 +51,7 @@ TITLES: dict[str, str] = {
     "too_many_tasks": "Too many tasks",
     "unknown_task": "Unknown task",
     "tuner_not_found": "Tuner not found",
+    "tuner_unloadable": "Stored tuner cannot be loaded",
     "not_found": "Not found",
     "method_not_allowed": "Method not allowed",
     "payload_too_large": "Request body too large",

@@ -2,7 +2,15 @@
 
 Validation reads the header by hand (bounded, never unpickling anything), checks every
 tensor's name, shape, dtype and byte range against :func:`tensor_specs`, and scans the raw
-bytes for NaN/Inf with numpy. No torch: the stores and the upload route run this.
+bytes for NaN/Inf and out-of-range values with numpy. No torch: the stores and the upload route
+run this.
+
+Every number and size in the header is bounded before it is used: the header's byte size, its
+JSON nesting (checked before parsing), the digits of each JSON integer (Python refuses to
+convert more than 4300 and would raise), the number of tensors and metadata entries, each
+shape's rank and dimensions, and the element count (multiplied one dimension at a time, stopping
+as soon as it passes what the file can hold). Strings must be valid Unicode (no lone surrogate
+escapes, which could not be written back as UTF-8).
 
 Layout (safetensors): 8-byte little-endian header length ``n``; ``n`` bytes of JSON
 ``{"__metadata__": {...}, "<tensor>": {"dtype", "shape", "data_offsets": [begin, end]}}``;
@@ -14,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,14 +44,40 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 ITEMSIZE: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
 """Allowed dtypes and their widths in bytes."""
+MAX_TENSORS = 4096
+"""Most tensors in one artifact: the largest config (256 blocks, 2 sides, 7 tensors per
+Res-Tuner, plus the head's 2) needs 3586."""
+MAX_RANK = 4
+"""Most dimensions of one tensor's shape (the contract uses 1 and 2)."""
+MAX_DIM = 1 << 24
+"""Largest single dimension (the contract's largest is 16384)."""
+MAX_TENSOR_NAME_CHARS = 256
+"""Longest tensor name (``bypass.vertical.256.prompt`` is 27)."""
+MAX_METADATA_ENTRIES = 64
+"""Most ``__metadata__`` entries (restune writes 2; other writers add a few)."""
+MAX_METADATA_KEY_CHARS = 256
+"""Longest ``__metadata__`` key."""
+MAX_HEADER_DEPTH = 3
+"""JSON nesting of a safetensors header: the object, a tensor entry, its shape list."""
+MAX_INT_DIGITS = 20
+"""Digits of a JSON integer in the header: enough for any 64-bit offset."""
+MAX_ABS_VALUE_EXPONENT = 20
+"""Tensor values must be below 2**20 (~1e6) in magnitude: trained tuner weights are orders of
+magnitude smaller, and larger ones overflow float16 and bfloat16 activations on real inputs."""
 
-# Exponent masks: a float is NaN or Inf exactly when all its exponent bits are set. Reading
-# the raw bits handles BF16, which numpy has no type for, the same way as F16 and F32.
-_EXPONENT_MASK: dict[str, tuple[type[np.unsignedinteger[Any]], int]] = {
-    "F32": (np.uint32, 0x7F80_0000),
-    "F16": (np.uint16, 0x7C00),
-    "BF16": (np.uint16, 0x7F80),
+# (raw integer type, exponent mask, exponent shift, exponent bias) per dtype. A float is NaN or
+# Inf exactly when all its exponent bits are set, and its magnitude is below 2**e exactly when
+# its biased exponent is below bias + e. Reading the raw bits handles BF16, which numpy has no
+# type for, the same way as F16 and F32.
+_EXPONENT: dict[str, tuple[type[np.unsignedinteger[Any]], int, int, int]] = {
+    "F32": (np.uint32, 0x7F80_0000, 23, 127),
+    "F16": (np.uint16, 0x7C00, 10, 15),
+    "BF16": (np.uint16, 0x7F80, 7, 127),
 }
+# A JSON string literal (unrolled loop: linear, no backtracking); removed before the
+# nesting check so that brackets inside names do not count.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 _PICKLE_PROTO = 0x80
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -55,7 +90,9 @@ class ArtifactError(StoreError):
     Codes: ``artifact_too_large``, ``artifact_bad_format``, ``artifact_header_too_large``,
     ``artifact_bad_header``, ``artifact_bad_config``, ``artifact_missing_tensor``,
     ``artifact_unexpected_tensor``, ``artifact_bad_shape``, ``artifact_bad_dtype``,
-    ``artifact_bad_offsets``, ``artifact_non_finite``, ``backbone_mismatch``.
+    ``artifact_bad_offsets``, ``artifact_non_finite``, ``artifact_value_out_of_range``,
+    ``backbone_mismatch``; and, from admission against a running backbone
+    (``server.engine.admission``), ``artifact_incompatible`` and ``artifact_dry_run_failed``.
     """
 
 
@@ -114,9 +151,58 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _fail("artifact_bad_header", f"header has the key {key!r} twice")
+            raise _fail("artifact_bad_header", f"header has the key {_shown(key)} twice")
         out[key] = value
     return out
+
+
+def _bounded_int(text: str) -> int:
+    # Called by the JSON parser for every integer literal, before it becomes an int: Python
+    # refuses (ValueError) to convert more than 4300 digits, and needs no more than 20 here.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _fail(
+            "artifact_bad_header",
+            f"header has a {len(text)}-digit integer; at most {MAX_INT_DIGITS} digits",
+        )
+    return int(text)
+
+
+def _no_constant(text: str) -> Any:
+    raise _fail("artifact_bad_header", f"header has the non-JSON number {text}")
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``repr`` of a name from the header, cut short (messages stay small and ASCII-safe)."""
+    return ascii(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _valid_unicode(text: str) -> bool:
+    # A JSON escape of a lone surrogate ("\ud800") decodes to a str that cannot be encoded
+    # back to UTF-8; anything that later writes it (a log line, a JSON answer) would fail.
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_nesting(raw: bytes) -> None:
+    """Refuse a header nested deeper than :data:`MAX_HEADER_DEPTH` before parsing it.
+
+    Strings are cut out, everything but brackets is dropped, then innermost ``[]``/``{}``
+    pairs are removed ``MAX_HEADER_DEPTH`` times; whatever remains was nested deeper (or is
+    unbalanced, which the parser would refuse anyway). All of it runs in C, linear in size.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_HEADER_DEPTH):
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    if brackets:
+        raise _fail(
+            "artifact_bad_header",
+            f"header JSON nests deeper than {MAX_HEADER_DEPTH} levels (or is unbalanced)",
+        )
 
 
 def _sniff_format(data: bytes) -> None:
@@ -161,8 +247,25 @@ def _parse_config(metadata: object) -> TunerConfig:
             "header has no __metadata__ object; this is a safetensors file but not a restune "
             "artifact",
         )
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise _fail("artifact_bad_header", "__metadata__ values must all be strings")
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise _fail(
+            "artifact_bad_header",
+            f"__metadata__ has {len(metadata)} entries; at most {MAX_METADATA_ENTRIES}",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or not _valid_unicode(key):
+            raise _fail(
+                "artifact_bad_header",
+                f"__metadata__ key {_shown(key)} is not 1..{MAX_METADATA_KEY_CHARS} characters "
+                "of valid Unicode",
+            )
+        if not isinstance(value, str):
+            raise _fail("artifact_bad_header", "__metadata__ values must all be strings")
+        if not _valid_unicode(value):
+            raise _fail(
+                "artifact_bad_header",
+                f"__metadata__ value of {_shown(key)} is not valid Unicode (lone surrogate)",
+            )
     fmt = metadata.get(FORMAT_KEY)
     if fmt is None:
         raise _fail(
@@ -173,7 +276,8 @@ def _parse_config(metadata: object) -> TunerConfig:
     if fmt != FORMAT_VERSION:
         raise _fail(
             "artifact_bad_header",
-            f"artifact format {fmt!r} is not supported (this version reads {FORMAT_VERSION!r})",
+            f"artifact format {_shown(fmt)} is not supported (this version reads "
+            f"{FORMAT_VERSION!r})",
         )
     raw = metadata.get(CONFIG_KEY)
     if raw is None:
@@ -184,34 +288,54 @@ def _parse_config(metadata: object) -> TunerConfig:
         raise _fail("artifact_bad_config", f"invalid {CONFIG_KEY}: {_summarise(exc)}") from None
 
 
-def _parse_tensor(name: str, entry: object) -> TensorInfo:
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_tensor(name: str, entry: object, max_numel: int) -> TensorInfo:
+    """One tensor entry, bounded: rank, each dimension, and the element count against
+    ``max_numel`` (what the data buffer could hold at the smallest item size)."""
+    if len(name) > MAX_TENSOR_NAME_CHARS or not name or not _valid_unicode(name):
+        raise _fail(
+            "artifact_bad_header",
+            f"tensor name {_shown(name)} is not 1..{MAX_TENSOR_NAME_CHARS} characters of valid "
+            "Unicode",
+        )
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _fail(
             "artifact_bad_header",
-            f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets",
+            f"tensor {_shown(name)}: entry must have exactly dtype, shape and data_offsets",
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
-        raise _fail("artifact_bad_header", f"tensor {name!r}: dtype must be a string")
+        raise _fail("artifact_bad_header", f"tensor {_shown(name)}: dtype must be a string")
     if dtype not in ITEMSIZE:
         raise _fail(
             "artifact_bad_dtype",
-            f"tensor {name!r} has dtype {dtype}; allowed: {', '.join(ITEMSIZE)}",
+            f"tensor {_shown(name)} has dtype {_shown(dtype, 16)}; allowed: {', '.join(ITEMSIZE)}",
         )
-    if not isinstance(shape, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise _fail(
-            "artifact_bad_header", f"tensor {name!r}: shape must be a list of integers >= 0"
+            "artifact_bad_header",
+            f"tensor {_shown(name)}: shape must be a list of at most {MAX_RANK} dimensions",
         )
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-    ):
+    numel = 1
+    for size in shape:
+        if not _is_count(size) or size > MAX_DIM:
+            raise _fail(
+                "artifact_bad_header",
+                f"tensor {_shown(name)}: every dimension must be an integer in 0..{MAX_DIM}",
+            )
+        numel *= size
+        if numel > max_numel:
+            raise _fail(
+                "artifact_bad_header",
+                f"tensor {_shown(name)}: shape {shape} holds more values than the file can",
+            )
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
         raise _fail(
             "artifact_bad_offsets",
-            f"tensor {name!r}: data_offsets must be two integers >= 0, got {offsets!r}",
+            f"tensor {_shown(name)}: data_offsets must be two integers >= 0",
         )
     return TensorInfo(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
@@ -254,12 +378,15 @@ def _check_offsets(tensors: Mapping[str, TensorInfo], buffer_len: int) -> None:
         )
 
 
-def read_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> ArtifactHeader:
+def read_header(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES, sha256: str | None = None
+) -> ArtifactHeader:
     """Parse and sanity-check an artifact's header; the tensor bytes are not inspected.
 
-    Checks the size limit, the safetensors framing, the restune metadata and config, each
-    tensor's dtype, and that the tensors tile the data buffer exactly. Raises
-    :class:`ArtifactError`.
+    Checks the size limit, the safetensors framing, the header's bounds (see the module
+    docstring), the restune metadata and config, each tensor's dtype and shape, and that the
+    tensors tile the data buffer exactly. ``sha256``: the digest of ``data`` when the caller
+    already has it (it is not computed again). Raises :class:`ArtifactError`.
     """
     if len(data) > max_bytes:
         raise _fail(
@@ -278,23 +405,36 @@ def read_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> 
             f"header declares {header_len} bytes but the file has only {len(data) - 8} after "
             "the length prefix (truncated upload?)",
         )
+    raw = data[8 : 8 + header_len]
+    _check_nesting(raw)
     try:
         header = json.loads(
-            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_int=_bounded_int,
+            parse_constant=_no_constant,
         )
-    # RecursionError: a header of "[[[[..." nests deeper than the parser recurses.
+    # RecursionError: kept as a backstop; _check_nesting refuses deep headers first.
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _fail("artifact_bad_header", f"header is not valid UTF-8 JSON: {exc}") from None
+        raise _fail(
+            "artifact_bad_header", f"header is not valid UTF-8 JSON: {str(exc)[:200]}"
+        ) from None
     if not isinstance(header, dict):
         raise _fail("artifact_bad_header", "header must be a JSON object")
     config = _parse_config(header.pop("__metadata__", None))
-    tensors = {name: _parse_tensor(name, entry) for name, entry in header.items()}
+    if len(header) > MAX_TENSORS:
+        raise _fail(
+            "artifact_bad_header", f"header lists {len(header)} tensors; at most {MAX_TENSORS}"
+        )
     data_start = 8 + header_len
-    _check_offsets(tensors, len(data) - data_start)
+    buffer_len = len(data) - data_start
+    max_numel = buffer_len // min(ITEMSIZE.values())
+    tensors = {name: _parse_tensor(name, entry, max_numel) for name, entry in header.items()}
+    _check_offsets(tensors, buffer_len)
     return ArtifactHeader(
         config=config,
         tensors=tensors,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256 if sha256 is not None else hashlib.sha256(data).hexdigest(),
         size=len(data),
         data_start=data_start,
     )
@@ -346,19 +486,30 @@ def _check_tensors(header: ArtifactHeader) -> None:
         )
 
 
-def _check_finite(header: ArtifactHeader, data: bytes) -> None:
+def _check_values(header: ArtifactHeader, data: bytes) -> None:
+    """Every value finite and below 2**MAX_ABS_VALUE_EXPONENT in magnitude (from the bits)."""
     for name, info in header.tensors.items():
-        uint, mask = _EXPONENT_MASK[info.dtype]
+        uint, mask, shift, bias = _EXPONENT[info.dtype]
         bits = np.frombuffer(
             header.tensor_bytes(data, name), dtype=np.dtype(uint).newbyteorder("<")
         )
-        bad = np.flatnonzero((bits & mask) == mask)
+        exponent = bits & mask
+        bad = np.flatnonzero(exponent == mask)
         if bad.size:
             raise _fail(
                 "artifact_non_finite",
-                f"tensor {name!r} has {bad.size} NaN/Inf value(s) (first at flat index "
+                f"tensor {_shown(name)} has {bad.size} NaN/Inf value(s) (first at flat index "
                 f"{int(bad[0])})",
             )
+        limit = (bias + MAX_ABS_VALUE_EXPONENT) << shift
+        if limit < mask:
+            big = np.flatnonzero(exponent >= limit)
+            if big.size:
+                raise _fail(
+                    "artifact_value_out_of_range",
+                    f"tensor {_shown(name)} has {big.size} value(s) of magnitude >= "
+                    f"2**{MAX_ABS_VALUE_EXPONENT} (first at flat index {int(big[0])})",
+                )
 
 
 def validate_artifact(
@@ -367,17 +518,19 @@ def validate_artifact(
     expect_fingerprint: str | None = None,
     expect_arch: str | None = None,
     max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+    sha256: str | None = None,
 ) -> ArtifactHeader:
-    """Fully validate an upload without loading it: header, backbone, tensors, finiteness.
+    """Fully validate an upload without loading it: header, backbone, tensors, values.
 
     ``expect_fingerprint`` (the server's backbone fingerprint) refuses tuners trained on another
-    backbone; ``expect_arch`` only improves that message. Raises :class:`ArtifactError`.
+    backbone; ``expect_arch`` only improves that message. ``sha256``: the digest of ``data``
+    if the caller has it. Raises :class:`ArtifactError`.
     """
-    header = read_header(data, max_bytes=max_bytes)
+    header = read_header(data, max_bytes=max_bytes, sha256=sha256)
     if expect_fingerprint is not None:
         _check_backbone(header.config, expect_fingerprint, expect_arch)
     _check_tensors(header)
-    _check_finite(header, data)
+    _check_values(header, data)
     return header
 
 

@@ -126,12 +126,20 @@ class TunerStore(ABC):
     """Where the store lives (for logs and /readyz), without credentials."""
 
     @abstractmethod
-    async def put(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
+    async def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        validate: Validator | None = None,
+        sha256: str | None = None,
+    ) -> PutResult:
         """Store ``data`` as a new version of ``name`` and make it current.
 
         ``validate`` runs first; if it raises, nothing is stored. If identical bytes already are
         a version of ``name``, that version becomes current and ``created`` is False. Clears
-        any canary traffic split.
+        any canary traffic split. ``sha256``: the hex digest of ``data`` when the caller has
+        already computed it (it is trusted, not recomputed: a registration hashes once).
         """
 
     @abstractmethod

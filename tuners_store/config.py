@@ -32,10 +32,20 @@ SIDES: tuple[Side, Side] = ("lateral", "vertical")
 MAX_LABELS = 10_000
 MAX_BOTTLENECK = 4096
 MAX_PREFIX = 256
+MAX_SCALE = 1000.0
+"""Largest magnitude of ``bypass.scale``: trained scales are around 0.1..10; a larger one only
+turns the delta into an overflow on real inputs."""
+MAX_SUMMARY_VALUE = 1e15
+"""Largest magnitude of a training-summary number (scores, losses, counts as floats)."""
+MAX_SUMMARY_EXTRA = 64
+"""Most entries of ``training.extra``."""
+MAX_COUNT = 10**12
+"""Largest epoch / sample count in a training summary."""
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or Infinity anywhere: they are not JSON, and a NaN scale answers NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BackboneRef(_Model):
@@ -66,7 +76,7 @@ class BypassConfig(_Model):
     """Weight of the lateral branch when ``combine == "lerp"``."""
     scale_mode: ScaleMode = "fixed"
     """``fixed``: delta scaled by ``scale``; ``scalar``/``channel``: a learned tensor ``scale``."""
-    scale: float = 1.0
+    scale: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE)
     """The fixed scale, or the initial value of a learned one."""
     prefix_len: int = Field(default=8, gt=0, le=MAX_PREFIX)
     """Number of learned prefix / prompt tokens (res_prefix, res_prompt only)."""
@@ -92,14 +102,23 @@ class BypassConfig(_Model):
 class TrainingSummary(_Model):
     """What the tuner was trained on and how well it did."""
 
-    data: str = ""
-    epochs: int = 0
-    train_size: int = 0
-    val_size: int = 0
-    val_metric: str = ""
-    val_score: float | None = None
-    seed: int | None = None
-    extra: dict[str, float] = Field(default_factory=dict)
+    data: str = Field(default="", max_length=2000)
+    epochs: int = Field(default=0, ge=0, le=MAX_COUNT)
+    train_size: int = Field(default=0, ge=0, le=MAX_COUNT)
+    val_size: int = Field(default=0, ge=0, le=MAX_COUNT)
+    val_metric: str = Field(default="", max_length=200)
+    val_score: float | None = Field(default=None, ge=-MAX_SUMMARY_VALUE, le=MAX_SUMMARY_VALUE)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    extra: dict[str, float] = Field(default_factory=dict, max_length=MAX_SUMMARY_EXTRA)
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(not key or len(key) > 200 for key in v):
+            raise ValueError("extra keys must be 1..200 characters")
+        if any(abs(x) > MAX_SUMMARY_VALUE for x in v.values()):
+            raise ValueError(f"extra values must be within +-{MAX_SUMMARY_VALUE:g}")
+        return v
 
 
 class TunerConfig(_Model):
@@ -117,7 +136,9 @@ class TunerConfig(_Model):
     """``cls``: the CLS row; ``mean``: mean of the patch tokens (all tokens needed)."""
     description: str = Field(default="", max_length=2000)
     training: TrainingSummary = Field(default_factory=TrainingSummary)
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created_at: str = Field(
+        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"), max_length=64
+    )
 
     @field_validator("name")
     @classmethod

@@ -242,12 +242,19 @@ class FilesystemStore(TunerStore):
 
     # -- blocking API -----------------------------------------------------------------------
 
-    def put_sync(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
+    def put_sync(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        validate: Validator | None = None,
+        sha256: str | None = None,
+    ) -> PutResult:
         """Blocking :meth:`put`."""
         validate_qualified_name(name)
         if validate is not None:
             validate(data)
-        digest = _sha256(data)
+        digest = sha256 if sha256 is not None else _sha256(data)
         with self._locked(name) as (directory, index):
             for info in index.versions.values():
                 if info.sha256 == digest:
@@ -347,8 +354,15 @@ class FilesystemStore(TunerStore):
 
     # -- async API --------------------------------------------------------------------------
 
-    async def put(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
-        return await asyncio.to_thread(self.put_sync, name, data, validate=validate)
+    async def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        validate: Validator | None = None,
+        sha256: str | None = None,
+    ) -> PutResult:
+        return await asyncio.to_thread(self.put_sync, name, data, validate=validate, sha256=sha256)
 
     async def get(self, name: str, version: int | None = None) -> StoredTuner:
         return await asyncio.to_thread(self.get_sync, name, version)

@@ -222,16 +222,23 @@ class RedisStore(TunerStore):
 
     # -- API --------------------------------------------------------------------------------
 
-    async def put(self, name: str, data: bytes, *, validate: Validator | None = None) -> PutResult:
+    async def put(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        validate: Validator | None = None,
+        sha256: str | None = None,
+    ) -> PutResult:
         validate_qualified_name(name)
 
         def check() -> str:
             if validate is not None:
                 validate(data)
-            return hashlib.sha256(data).hexdigest()
+            return sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
 
         # Validation and hashing of a multi-MB upload would stall the event loop.
-        digest = await asyncio.to_thread(check)
+        digest = await asyncio.to_thread(check) if validate or sha256 is None else sha256
         staging = self._k("staging", uuid.uuid4().hex)
         keys = [
             *self._event_keys(),

@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from restuning.artifact_io import load_task
+from restuning.tuners import TaskModule
+from server.engine.admission import admit
 from server.engine.leases import Leases, LeaseSet
 from server.engine.loaded_tuner import LoadedTuner, module_nbytes
 from server.engine.runtime import Backbone
@@ -57,7 +58,7 @@ from tuners_store import (
     VersionInfo,
     VersionNotFound,
 )
-from tuners_store.artifact import ArtifactError, read_header, validate_artifact
+from tuners_store.artifact import ArtifactError, read_header
 from tuners_store.base import check_traffic
 from tuners_store.config import TunerConfig, parameter_count
 from tuners_store.names import split_qualified_name, validate_qualified_name
@@ -307,11 +308,15 @@ class TunerRegistry:
         info: VersionInfo | None = None,
         *,
         generation: int | None = None,
+        module: TaskModule | None = None,
     ) -> LoadedTuner:
         """Build version ``version`` of ``name`` (from ``data`` when given) under its lock.
 
         ``generation`` is the name's generation the caller started from (default: now); if a
         delete bumped it by the time the module is built, the result is thrown away.
+        ``module``: already admitted from ``data`` (a registration), so it is not built again.
+        Bytes that fail admission here (written by another replica or an older server) raise
+        ``tuner_unloadable``, which requests report per task.
         """
         async with self._lock(name):
             found = self._loaded.get((name, version))
@@ -341,14 +346,19 @@ class TunerRegistry:
                         task=name,
                     ) from exc
                 data, info = stored.data, stored.info
-            try:
-                module = await asyncio.to_thread(self._build, data)
-            except ArtifactError as exc:
-                raise ApiError(
-                    "tuner_load_failed",
-                    f"task {name!r} v{version} cannot be loaded: {exc.message}",
-                    task=name,
-                ) from exc
+            if module is None:
+                try:
+                    module = await asyncio.to_thread(self._build, data, info.sha256)
+                except ArtifactError as exc:
+                    log.warning("tuner %s v%d is unloadable: %s", name, version, exc.message)
+                    raise ApiError(
+                        "tuner_unloadable",
+                        f"task {name!r} v{version} cannot be loaded on this server "
+                        f"({exc.code}): {exc.message}",
+                        task=name,
+                        version=version,
+                        artifact_code=exc.code,
+                    ) from exc
             if self._generation.get(name, 0) != generation or self._closed:
                 # Deleted while we were loading: do not bring it back.
                 raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
@@ -371,16 +381,16 @@ class TunerRegistry:
             log.info("loaded tuner %s v%d (%d bytes)", name, version, loaded.nbytes)
             return loaded
 
-    def _build(self, data: bytes) -> Any:
-        """Validate and build a task module on the tuner device (float32). Runs in a thread."""
-        module = load_task(
+    def _build(self, data: bytes, sha256: str | None = None) -> TaskModule:
+        """Validate, admit (against this backbone, with a dry run) and build a task module on
+        the tuner device (float32). Runs in a thread."""
+        return admit(
             data,
-            self.backbone.final_norm,
-            expect_fingerprint=self.backbone.fingerprint,
-            dtype=torch.float32,
+            self.backbone,
+            self.tuner_device,
             max_bytes=self.settings.max_artifact_bytes,
-        )
-        return module.to(device=self.tuner_device, dtype=torch.float32).eval()
+            sha256=sha256,
+        ).module
 
     def _evict(self, keep: VersionKey | None = None) -> None:
         """Drop least recently used unpinned versions until the budget holds."""
@@ -477,13 +487,14 @@ class TunerRegistry:
         except InvalidName as exc:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
-        key = (name, await sha256_of(data))
+        digest = await sha256_of(data)
+        key = (name, digest)
         flight = self._registering.get(key)
         if flight is not None:
             info, _ = await asyncio.shield(flight)
             self._count_registration("unchanged")
             return info, False
-        flight = asyncio.ensure_future(self._register(name, data))
+        flight = asyncio.ensure_future(self._register(name, data, digest))
         self._registering[key] = flight
         flight.add_done_callback(lambda done: self._flight_done(key, done))
         # Shielded: a client that hangs up must not cancel the registration others wait on.
@@ -496,19 +507,27 @@ class TunerRegistry:
         if not done.cancelled():
             done.exception()  # retrieved: a failure nobody waits for any more is not logged
 
-    async def _register(self, name: str, data: bytes) -> tuple[VersionInfo, bool]:
-        """One registration (see :meth:`register`); the name is already valid."""
+    async def _register(self, name: str, data: bytes, digest: str) -> tuple[VersionInfo, bool]:
+        """One registration (see :meth:`register`); the name is already valid, ``digest`` is
+        the sha256 of ``data``.
+
+        The bytes are hashed once (``digest``, also handed to the store), validated once and
+        admitted against the running backbone (built and dry-run) before anything is stored;
+        the admitted module is what gets loaded, not a second build.
+        """
         try:
-            header = await asyncio.to_thread(
-                validate_artifact,
+            admitted = await asyncio.to_thread(
+                admit,
                 data,
-                expect_fingerprint=self.backbone.fingerprint,
-                expect_arch=self.backbone.arch,
+                self.backbone,
+                self.tuner_device,
                 max_bytes=self.settings.max_artifact_bytes,
+                sha256=digest,
             )
         except ArtifactError as exc:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
+        header = admitted.header
         # An artifact carries its plain name; a tenant's namespace comes from where it goes.
         tenant, plain = split_qualified_name(name)
         if header.config.name != plain:
@@ -523,13 +542,18 @@ class TunerRegistry:
         async with self._lock(name):
             generation = self._generation.get(name, 0)
             try:
-                result = await self.store.put(name, data)
+                result = await self.store.put(name, data, sha256=digest)
             except StoreError as exc:
                 self._count_registration(exc.code)
                 raise self._store_error(exc, name) from exc
             self.store_ok = True
         loaded = await self._load(
-            name, result.info.version, data, result.info, generation=generation
+            name,
+            result.info.version,
+            data,
+            result.info,
+            generation=generation,
+            module=admitted.module,
         )
         if self._generation.get(name, 0) == generation:
             self._swap(name, result.info, ours=True)
@@ -733,7 +757,14 @@ class TunerRegistry:
             return loaded.config
         try:
             stored = await self.store.get(info.name, info.version)
-            config = read_header(stored.data, max_bytes=self.settings.max_artifact_bytes).config
+            # Off the event loop: a header is up to 16 MiB of JSON.
+            header = await asyncio.to_thread(
+                read_header,
+                stored.data,
+                max_bytes=self.settings.max_artifact_bytes,
+                sha256=stored.info.sha256,
+            )
+            config = header.config
         except StoreError as exc:
             log.info("config of %s v%d unavailable: %s", info.name, info.version, exc)
             return None

@@ -345,11 +345,35 @@ def test_non_finite_in_bf16(value: float) -> None:
     assert "index 7" in err.message
 
 
-def test_largest_finite_bf16_is_accepted() -> None:
+def test_largest_finite_bf16_is_out_of_range_not_non_finite() -> None:
     config = tiny_config()
     bits = {k: bf16_bits(v) for k, v in random_arrays(config).items()}
     bits["head.bias"][0] = 0x7F7F  # bf16 max: every exponent bit but one
-    validate_artifact(pack_raw(config, bits, "BF16"))
+    err = expect("artifact_value_out_of_range", pack_raw(config, bits, "BF16"))
+    assert "head.bias" in err.message
+
+
+@pytest.mark.parametrize(
+    ("dtype", "below", "at"),
+    [
+        # Largest value below 2**20 and 2**20 itself, as raw bits (biased exponent 127 + 20).
+        ("F32", 0x497F_FFFF, 0x4980_0000),
+        ("BF16", 0x497F, 0x4980),
+    ],
+)
+def test_value_bound_is_exact(dtype: str, below: int, at: int) -> None:
+    config = tiny_config()
+    dt = np.uint32 if dtype == "F32" else np.uint16
+    bits = {
+        k: (v.view(np.uint32) if dtype == "F32" else bf16_bits(v)).astype(dt)
+        for k, v in random_arrays(config).items()
+    }
+    bits["head.bias"][0] = below
+    bits["head.bias"][1] = 0x8000_0000 | below if dtype == "F32" else 0x8000 | below
+    validate_artifact(pack_raw(config, bits, dtype))
+    bits["head.bias"][2] = at
+    err = expect("artifact_value_out_of_range", pack_raw(config, bits, dtype))
+    assert "first at flat index 2" in err.message
 
 
 # -- backbone ------------------------------------------------------------------------------
