@@ -141,6 +141,12 @@ class Metrics:
             "Tuner versions loaded in memory.",
             registry=r,
         )
+        self.tuner_store_up = Gauge(
+            "restune_tuner_store_up",
+            "1 while the tuner store answers this replica, 0 during an outage (it keeps "
+            "serving what it has loaded, from the index as last read).",
+            registry=r,
+        )
         self.tuners_evicted = Counter(
             "restune_tuners_evicted",
             "Tuner versions evicted from memory.",

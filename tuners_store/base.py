@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -18,10 +18,12 @@ from typing import Literal, Self
 
 from tuners_store.errors import InvalidTraffic
 
-EventKind = Literal["put", "delete", "current", "traffic", "resync"]
+EventKind = Literal["put", "delete", "current", "traffic", "resync", "lost"]
 """``put``: a new version became current; ``current``: an existing version became current
 (rollback, or a re-upload of identical bytes); ``delete``: the name is gone; ``traffic``: canary
-weights changed; ``resync``: events may have been missed, re-read the whole index."""
+weights changed; ``resync``: events may have been missed, re-read the whole index; ``lost``: the
+store stopped answering, nothing more arrives until the next ``resync`` (what a watcher holds
+is now possibly stale)."""
 
 MAX_TRAFFIC_VERSIONS = 16
 """Most versions one canary split may name."""
@@ -83,7 +85,8 @@ class PutResult:
 
 @dataclass(frozen=True)
 class StoreEvent:
-    """A change seen by :meth:`TunerStore.watch`; ``name``/``version`` are None for ``resync``."""
+    """A change seen by :meth:`TunerStore.watch`; ``name``/``version`` are None for ``resync``
+    and ``lost``."""
 
     kind: EventKind
     name: str | None = None
@@ -175,8 +178,12 @@ class TunerStore(ABC):
         """Split traffic between existing versions by integer weights (>= 0, sum > 0)."""
 
     @abstractmethod
-    def watch(self) -> AsyncIterator[StoreEvent]:
-        """Changes made by anyone (this process or others), starting with a ``resync``."""
+    def watch(self) -> AsyncGenerator[StoreEvent, None]:
+        """Changes made by anyone (this process or others), starting with a ``resync``.
+
+        While the store is unreachable the watcher yields one ``lost`` and keeps reconnecting
+        by itself; the first event after the outage is a ``resync``. Close it with ``aclose()``.
+        """
 
     @abstractmethod
     async def ping(self) -> None:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -437,10 +437,16 @@ class FilesystemStore(TunerStore):
                 events.append(StoreEvent("delete", name))
         return now, events
 
-    async def watch(self) -> AsyncIterator[StoreEvent]:
-        """Poll every index file each ``poll_interval`` seconds; changes by any process show."""
+    async def watch(self) -> AsyncGenerator[StoreEvent, None]:
+        """Poll every index file each ``poll_interval`` seconds; changes by any process show.
+
+        A failed poll (the directory unreadable, a mount gone) yields ``lost`` once; the first
+        good poll after it yields ``resync`` rather than a diff, so a watcher also marks the
+        store healthy again.
+        """
         seen: dict[str, _Seen] = {}
         polls = 0
+        failing = False
         while True:
             try:
                 seen, events = await asyncio.to_thread(
@@ -449,7 +455,15 @@ class FilesystemStore(TunerStore):
             except (OSError, StoreCorrupt, StoreUnavailable) as exc:
                 # Keep watching: the next successful poll diffs against the last good view.
                 log.warning("tuner store watch: poll of %s failed: %s", self.root, exc)
+                if not failing and polls > 0:
+                    yield StoreEvent("lost")
+                failing = True
                 events = []
+            else:
+                if failing and polls > 0:
+                    failing = False
+                    yield StoreEvent("resync")
+                    events = []
             if polls == 0:
                 yield StoreEvent("resync")
             else:

@@ -15,7 +15,9 @@ Keys (``P`` is the prefix, ``restune`` by default)::
 Every mutation is one Lua script, so blobs, index and event are written atomically. Pub/sub
 drops messages while a subscriber is disconnected, so :meth:`RedisStore.watch` yields a
 ``resync`` on every (re)connect and whenever the event sequence has a gap or the keyspace's
-epoch changed (a flush, or a restart that lost data). Scripts build key names from the prefix,
+epoch changed (a flush, or a restart that lost data), and one ``lost`` when the connection
+drops. Reconnects are retried every ``reconnect_max_s`` at most (0.5 s by default), so a watcher
+catches up within about that long after Redis returns. Scripts build key names from the prefix,
 so this store needs a standalone Redis (or one slot), not a cluster.
 """
 
@@ -28,7 +30,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+RECONNECT_FIRST_S = 0.05
+"""First wait before the watch reconnects after losing Redis (then doubling, capped)."""
 STAGING_TTL_MS = 10 * 60 * 1000
 """How long an uploaded blob waits for its script before Redis drops it."""
 
@@ -178,7 +182,7 @@ class RedisStore(TunerStore):
         prefix: str = "restune",
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 10.0,
-        reconnect_max_s: float = 5.0,
+        reconnect_max_s: float = 0.5,
         health_check_s: float = 5.0,
     ) -> None:
         self.url = redacted(url)
@@ -396,12 +400,16 @@ class RedisStore(TunerStore):
             epoch, seq = await pipe.execute()
         return (epoch.decode() if epoch is not None else None), int(seq or 0)
 
-    async def watch(self) -> AsyncIterator[StoreEvent]:
+    async def watch(self) -> AsyncGenerator[StoreEvent, None]:
         """Subscribe to the event channel; ``resync`` on (re)connect and on any detected gap.
 
-        While Redis is unreachable this waits (reconnecting with backoff) and yields nothing.
+        While Redis is unreachable this yields one ``lost``, then waits (reconnecting with a
+        backoff from ``RECONNECT_FIRST_S`` doubling up to ``reconnect_max_s``) and yields
+        nothing until it is back. The cap is what bounds how stale a replica stays after an
+        outage, and one refused connect every half second costs nothing.
         """
-        delay = 0.1
+        delay = RECONNECT_FIRST_S
+        lost = False
         while True:
             # A dedicated client without retries: redis-py's own reconnect would resubscribe
             # silently and hide the messages lost meanwhile.
@@ -414,6 +422,7 @@ class RedisStore(TunerStore):
                 health_check_interval=self._health_check_s,
             )
             pubsub = client.pubsub()
+            failure: Exception | None = None
             try:
                 await pubsub.subscribe(self.channel)
                 # Only once the server confirmed the subscription is every later change
@@ -423,7 +432,8 @@ class RedisStore(TunerStore):
                     if msg is not None and msg["type"] == "subscribe":
                         break
                 epoch, seq = await self._position(client)
-                delay = 0.1
+                delay = RECONNECT_FIRST_S
+                lost = False
                 yield StoreEvent("resync")
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -440,12 +450,19 @@ class RedisStore(TunerStore):
                     epoch, seq = event["epoch"], event["seq"]
                     yield StoreEvent(event["kind"], event["name"], event.get("version"))
             except (TimeoutError, RedisError, OSError) as exc:
-                log.warning(
-                    "tuner store watch: %s unreachable (%s); retry in %.1fs", self.url, exc, delay
-                )
+                failure = exc
             finally:
                 await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
                 await _quietly(client.aclose())
+            if not lost:
+                log.warning(
+                    "tuner store watch: %s unreachable (%s); reconnecting every %.2fs at most",
+                    self.url,
+                    failure,
+                    self._reconnect_max_s,
+                )
+                lost = True
+                yield StoreEvent("lost")
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._reconnect_max_s)
 

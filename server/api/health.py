@@ -28,7 +28,12 @@ async def healthz() -> Live:
     responses={503: {"model": Ready, "description": "Not ready; `reasons` says why"}},
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """200 when the backbone is loaded and the tuner store reachable, else 503 with reasons."""
+    """200 when the replica can serve predictions, else 503 with reasons.
+
+    Ready means: backbone loaded, a tuner index read from the store at least once, accepting.
+    A store outage after that shows in ``store`` (``reachable``, ``index: stale``) and in
+    ``restune_tuner_store_up``, not here: loaded tuners keep answering, and an outage would
+    otherwise take every replica out of its load balancer at once."""
     report: dict[str, Any] = await service.ready()
     ready = bool(report.get("ready"))
     if not ready and not report.get("reasons"):
@@ -42,9 +47,11 @@ def not_ready_reasons(report: dict[str, Any]) -> list[str]:
     if not report.get("backbone_loaded", True):
         reasons.append("backbone not loaded")
     store = report.get("store")
-    if isinstance(store, dict) and not store.get("reachable", True):
+    if isinstance(store, dict) and store.get("index") == "missing":
         error = store.get("error")
-        reasons.append(f"tuner store unreachable{': ' + str(error) if error else ''}")
+        reasons.append(
+            f"no tuner index read from the store yet{': ' + str(error) if error else ''}"
+        )
     if not report.get("accepting", True):
         reasons.append("not accepting requests (starting or draining)")
     return reasons or ["not ready"]

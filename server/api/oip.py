@@ -213,7 +213,7 @@ async def server_live() -> dict[str, Any]:
 
 @router.get("/health/ready", summary="Server readiness", responses=oip_errors(503))
 async def server_ready(service: ServiceDep) -> Response:
-    """200 when the backbone is loaded and the store reachable, else 503."""
+    """200 when the replica can serve predictions (as ``/readyz``), else 503."""
     report = await service.ready()
     if report.get("ready"):
         return JSONResponse({"ready": True})

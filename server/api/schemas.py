@@ -289,7 +289,8 @@ class Live(BaseModel):
 
 
 class Ready(BaseModel):
-    """Readiness: the backbone is loaded and the store reachable; ``reasons`` says what is not."""
+    """Readiness: the replica can serve predictions (backbone loaded, tuner index read at least
+    once, accepting); ``reasons`` says what is not."""
 
     model_config = ConfigDict(extra="allow")
 

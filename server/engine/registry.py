@@ -13,7 +13,13 @@ Consistency rules:
   set after taking it (two requests never build the same version twice).
 - Every delete bumps the name's generation; a load that started before it sees the change
   when it finishes and discards its result, so a delete is never undone by a racing load.
-- If the store is unreachable, what is loaded keeps serving; registration answers 503.
+- If the store is unreachable, what is loaded keeps serving; registration answers 503, and so
+  does a request that needs the store (a version not loaded, a name not in the index, or no
+  index read yet): ``store_unavailable`` with Retry-After, for the whole request, so a proxy or
+  client retries on another replica. A task is never reported unknown because the store could
+  not be asked.
+- The watch reconnects within ``reconnect_max_s`` (0.5 s) of the store's return and resyncs the
+  whole index then.
 - Concurrent uploads of identical bytes to one name share one registration (one validation,
   one load); all but the first answer "unchanged".
 - Unloading a version (delete, eviction, a newer version swapped in) takes it out of the
@@ -66,9 +72,12 @@ from tuners_store.names import split_qualified_name, validate_qualified_name
 log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER_S = 5.0
-"""Retry-After sent with ``store_unavailable``."""
-WATCH_BACKOFF_S = (0.2, 10.0)
-"""First and longest wait before re-subscribing to a watch that failed."""
+"""Retry-After sent with ``store_unavailable`` for writes."""
+SERVE_RETRY_AFTER_S = 1.0
+"""Retry-After of a request that needs the store while it is down: another replica may have
+the tuner loaded, and this one catches up within a second of the store's return."""
+WATCH_BACKOFF_S = (0.05, 0.5)
+"""First and longest wait before re-subscribing to a watch that failed or whose resync did."""
 
 VersionKey = tuple[str, int]
 HASH_IN_THREAD_BYTES = 1024 * 1024
@@ -196,6 +205,10 @@ class TunerRegistry:
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._store_ok: bool
+        self.index_synced = False
+        """Whether the index was ever read from the store: until then this replica cannot tell
+        a registered name from an unknown one, so it is not ready."""
         self.store_ok = True
         self.leases = Leases()
         """Requests using each loaded version (unloading waits for them)."""
@@ -207,8 +220,25 @@ class TunerRegistry:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def store_ok(self) -> bool:
+        """Whether the store answered last time it was used (watch, operation, readiness
+        ping); exported as ``restune_tuner_store_up``."""
+        return self._store_ok
+
+    @store_ok.setter
+    def store_ok(self, ok: bool) -> None:
+        self._store_ok = ok
+        if self.metrics is not None:
+            self.metrics.tuner_store_up.set(1 if ok else 0)
+
     async def start(self) -> None:
-        """Read the index, preload pinned tuners, and start following the store's changes."""
+        """Read the index, preload pinned tuners, and start following the store's changes.
+
+        A store that does not answer does not stop the start: the watch keeps reconnecting and
+        reads the index (then preloads) once it can; requests get ``store_unavailable`` until
+        then.
+        """
         try:
             await self._resync()
         except StoreError as exc:
@@ -216,10 +246,14 @@ class TunerRegistry:
             log.warning(
                 "tuner store %s unreachable at start (%s); serving nothing yet", self.store.url, exc
             )
+        else:
+            await self._preload_pinned()
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="restune-registry-watch")
+
+    async def _preload_pinned(self) -> None:
         for name in sorted(self.pinned & self._index.keys()):
             with contextlib.suppress(ApiError):
                 await self.resolve(name)
-        self._watch_task = asyncio.create_task(self._watch_loop(), name="restune-registry-watch")
 
     async def stop(self) -> None:
         """Stop following the store and finish nothing in the background."""
@@ -284,13 +318,19 @@ class TunerRegistry:
         return found if lease is None else lease.add(found)
 
     async def _discover(self, name: str) -> VersionInfo:
-        """A name missing from the index: ask the store once (its event may still be coming)."""
+        """A name missing from the index: ask the store once (its event may still be coming).
+
+        If the store cannot answer, whether the name exists is unknown here (no index read
+        yet, or one that may be stale): ``store_unavailable``, never ``unknown_task``.
+        """
         try:
             # versions() answers cheaply for the common case, a name that does not exist;
             # only a name that does is worth reading the whole index for its current version.
             info = (await self.store.list()).get(name) if await self.store.versions(name) else None
         except (TunerNotFound, InvalidName, VersionNotFound):
             info = None
+        except StoreUnavailable as exc:
+            raise self._unavailable_for_serving(exc, name) from exc
         except StoreError as exc:
             log.info("store lookup of unknown task %r failed: %s", name, exc)
             info = None
@@ -339,6 +379,9 @@ class TunerRegistry:
                         task=name,
                         version=version,
                     ) from None
+                except StoreUnavailable as exc:
+                    # Not this version's fault: the whole request is retryable elsewhere.
+                    raise self._unavailable_for_serving(exc, name) from exc
                 except StoreError as exc:
                     raise ApiError(
                         "tuner_load_failed",
@@ -619,7 +662,9 @@ class TunerRegistry:
             return info
         try:
             return await self._discover(name)
-        except ApiError:
+        except ApiError as exc:
+            if exc.code == "store_unavailable":
+                raise
             raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
 
     async def set_traffic(self, name: str, weights: Mapping[int, int]) -> dict[int, int]:
@@ -686,7 +731,9 @@ class TunerRegistry:
         if info is None:
             try:
                 info = await self._discover(name)
-            except ApiError:
+            except ApiError as exc:
+                if exc.code == "store_unavailable":
+                    raise
                 raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
         try:
             versions = await self.store.versions(name)
@@ -820,28 +867,38 @@ class TunerRegistry:
         return [task for task in retiring if task is not None]
 
     async def _watch_loop(self) -> None:
+        """Follow the store; a watch that fails, or whose resync fails, is closed and
+        subscribed again (which starts with a resync), after a short bounded backoff."""
         delay = WATCH_BACKOFF_S[0]
         while not self._closed:
             try:
-                async for event in self.store.watch():
-                    delay = WATCH_BACKOFF_S[0]
-                    await self.apply_event(event)
+                async with contextlib.aclosing(self.store.watch()) as events:
+                    async for event in events:
+                        delay = WATCH_BACKOFF_S[0]
+                        await self.apply_event(event)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.store_ok = False
-                log.warning("tuner store watch failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("tuner store watch failed (%s); again in %.2fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_BACKOFF_S[1])
 
     async def apply_event(self, event: StoreEvent) -> None:
-        """Follow one store change (from this process or another replica)."""
+        """Follow one store change (from this process or another replica).
+
+        Raises :class:`StoreError` when a ``resync`` cannot read the index: the watch then
+        starts over rather than go on from an index it failed to refresh.
+        """
+        if event.kind == "lost":
+            self.store_ok = False
+            log.warning("tuner store %s lost; serving the index as last read", self.store.url)
+            return
         if event.kind == "resync" or event.name is None:
-            try:
-                await self._resync()
-            except StoreError as exc:
-                self.store_ok = False
-                log.warning("tuner store resync failed: %s", exc)
+            first = not self.index_synced
+            await self._resync()
+            if first:
+                self._spawn(self._preload_pinned())
             return
         name = event.name
         if event.kind == "delete":
@@ -862,8 +919,13 @@ class TunerRegistry:
 
     async def _resync(self) -> None:
         """Re-read the whole index; apply every difference."""
-        snapshot = await self.store.snapshot()
+        try:
+            snapshot = await self.store.snapshot()
+        except StoreError:
+            self.store_ok = False
+            raise
         self.store_ok = True
+        self.index_synced = True
         for name in [n for n in self._index if n not in snapshot]:
             self._forget(name)
         for name, info in snapshot.items():
@@ -946,6 +1008,17 @@ class TunerRegistry:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     # ------------------------------------------------------------------ helpers
+
+    def _unavailable_for_serving(self, exc: StoreUnavailable, name: str) -> ApiError:
+        """The answer to a request that needs the store while it is down (see the module
+        docstring): retryable, for the whole request."""
+        self.store_ok = False
+        return ApiError(
+            "store_unavailable",
+            f"task {name!r} needs the tuner store, which is unavailable: {exc.message}",
+            retry_after=SERVE_RETRY_AFTER_S,
+            task=name,
+        )
 
     def _store_error(self, exc: StoreError, name: str) -> ApiError:
         if isinstance(exc, StoreUnavailable):

@@ -39,8 +39,10 @@ __all__ = ["InferenceService", "TaskRef", "TunerDetail", "TunerSummary", "tensor
 READY_PING_TIMEOUT_S = 2.0
 """How long /readyz waits for the store to answer."""
 
-_RESOLVE_FATAL = frozenset({"unknown_task", "unknown_version"})
-"""Resolution failures that fail the whole request; the others become per-task errors."""
+_RESOLVE_FATAL = frozenset({"unknown_task", "unknown_version", "store_unavailable"})
+"""Resolution failures that fail the whole request; the others (a version that cannot be
+loaded) become per-task errors. ``store_unavailable`` is the replica's state, not the task's:
+the whole request answers 503 with Retry-After, so a proxy or client retries elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,8 @@ class InferenceService:
             raise ApiError("validation_error", "the tensor holds NaN or Inf")
 
     async def _resolve(self, tasks: list[TaskRef], lease: LeaseSet) -> dict[str, _Plan]:
-        """Every task resolved once (concurrently); unknown names or versions fail the request."""
+        """Every task resolved once (concurrently); unknown names or versions, or a tuner that
+        needs the store while it is down, fail the request."""
         results = await asyncio.gather(
             *(self.registry.resolve(ref.name, ref.version, lease=lease) for ref in tasks),
             return_exceptions=True,
@@ -354,6 +357,8 @@ class InferenceService:
                 try:
                     plan = await self.registry.resolve(ref.name, None, digest, lease)
                 except ApiError as exc:
+                    if exc.code in _RESOLVE_FATAL:
+                        raise
                     plan = exc
             out[ref.name] = plan
         return out
@@ -372,7 +377,12 @@ class InferenceService:
         }
 
     async def ready(self) -> dict[str, Any]:
-        """Readiness: backbone loaded, store reachable, batcher accepting; plus where it runs."""
+        """Readiness = can serve predictions: backbone loaded, a tuner index read from the store
+        at least once (a stale one is fine), batcher accepting. The store's own state is in
+        ``store`` (``reachable``: it answered a ping now; ``index``: ``current``, ``stale``
+        while it is unreachable, ``missing`` before the first read) and in the metric
+        ``restune_tuner_store_up``; an outage alone never makes a replica unready, or one
+        store outage would take every replica out of its load balancer at once."""
         store_ok = False
         store_error = None
         if self._store is not None:
@@ -382,18 +392,28 @@ class InferenceService:
             except Exception as exc:  # any failure to answer means not reachable
                 store_error = str(exc) or type(exc).__name__
         accepting = self.started and self.batcher.accepting
+        synced = self.started and self.registry.index_synced
+        if self.started:
+            self.registry.store_ok = store_ok
         reasons = []
         if self._backbone is None:
             reasons.append("the backbone is not loaded")
-        if not store_ok:
-            reasons.append(f"the tuner store is unreachable: {store_error or 'not open'}")
+        if self.started and not synced:
+            reasons.append(
+                f"no tuner index read from the store yet: {store_error or 'not reached yet'}"
+            )
         if not accepting:
             reasons.append("the service is starting or shutting down")
+        index = "missing" if not synced else ("current" if store_ok else "stale")
         body: dict[str, Any] = {
             "ready": not reasons,
             "reasons": reasons,
             "backbone_loaded": self._backbone is not None,
-            "store": {"url": self._store.url if self._store else None, "reachable": store_ok},
+            "store": {
+                "url": self._store.url if self._store else None,
+                "reachable": store_ok,
+                "index": index,
+            },
             "accepting": accepting,
         }
         if store_error:

@@ -161,9 +161,9 @@ def test_exit_codes(live_server: LiveServer, files: Path) -> None:
 def test_health_exit_4_when_not_ready(
     live_server_factory: StartServer, redis_process: RedisProcess
 ) -> None:
-    """A live server whose Redis store is down answers /readyz 503: exit code 4."""
-    server = live_server_factory(RESTUNE_STORE=redis_process.url)
+    """A live server that never reached its Redis store answers /readyz 503: exit code 4."""
     redis_process.kill()
+    server = live_server_factory(RESTUNE_STORE=redis_process.url, wait_ready=False)
     out = run("health", server.url)
     assert out.returncode == EXIT_SERVER, out.stdout + out.stderr
     assert "ready: no" in out.stdout

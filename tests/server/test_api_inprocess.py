@@ -594,16 +594,34 @@ def test_admin_token_never_logged(
 
 
 @pytest.mark.redis
-def test_readyz_503_with_reasons_when_redis_is_gone(
+def test_readyz_stays_200_through_a_redis_outage_and_says_so(
     tmp_path: Path, redis_process: RedisProcess
 ) -> None:
+    """Ready = can serve predictions: an outage after the index was read shows in ``store``
+    (and the metric), not as unreadiness that would empty the load balancer."""
     app = create_app(tiny_settings(tmp_path, store=redis_process.url))
     with TestClient(app) as client:
-        assert client.get("/readyz").status_code == 200
+        assert client.get("/readyz").json()["store"]["index"] == "current"
         redis_process.kill()
+        resp = client.get("/readyz")
+        assert resp.status_code == 200
+        store = resp.json()["store"]
+        assert (store["reachable"], store["index"]) == (False, "stale")
+        assert "restune_tuner_store_up 0.0" in client.get("/metrics").text
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.redis
+def test_readyz_503_with_reasons_when_redis_was_never_reached(
+    tmp_path: Path, redis_process: RedisProcess
+) -> None:
+    redis_process.kill()
+    app = create_app(tiny_settings(tmp_path, store=redis_process.url))
+    with TestClient(app) as client:
         resp = client.get("/readyz")
         assert resp.status_code == 503
         body = resp.json()
         assert body["ready"] is False
+        assert body["store"]["index"] == "missing"
         assert any("store" in reason for reason in body["reasons"])
         assert client.get("/healthz").status_code == 200
