@@ -89,7 +89,20 @@ def validation_error(errors: Sequence[Any]) -> ApiError:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return problem_response(exc, request.scope)
+    return problem_response(_with_demo_hint(request, exc), request.scope)
+
+
+def _with_demo_hint(request: Request, exc: ApiError) -> ApiError:
+    """``unknown_task`` for a demo tuner still being trained says so and how far: on a first
+    start the README's first request can arrive before the demo tuners exist."""
+    demo = getattr(request.app.state, "demo", None)
+    task = exc.extra.get("task")
+    if exc.code != "unknown_task" or demo is None or not isinstance(task, str):
+        return exc
+    hint = demo.pending_hint(task)
+    if hint is None:
+        return exc
+    return ApiError(exc.code, f"{exc.detail}: {hint}", status=exc.status, **exc.extra)
 
 
 async def _request_validation(request: Request, exc: Exception) -> JSONResponse:

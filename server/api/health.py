@@ -27,7 +27,7 @@ async def healthz() -> Live:
     summary="Readiness",
     responses={503: {"model": Ready, "description": "Not ready; `reasons` says why"}},
 )
-async def readyz(service: ServiceDep) -> JSONResponse:
+async def readyz(request: Request, service: ServiceDep) -> JSONResponse:
     """200 when the replica can serve predictions, else 503 with reasons.
 
     Ready means: backbone loaded, a tuner index read from the store at least once, accepting.
@@ -35,6 +35,9 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     ``restune_tuner_store_up``, not here: loaded tuners keep answering, and an outage would
     otherwise take every replica out of its load balancer at once."""
     report: dict[str, Any] = await service.ready()
+    demo = getattr(request.app.state, "demo", None)
+    if demo is not None and demo.state != "off":
+        report["demo"] = demo.report()  # demo tuners appear while ready; this says how far
     ready = bool(report.get("ready"))
     if not ready and not report.get("reasons"):
         report["reasons"] = not_ready_reasons(report)

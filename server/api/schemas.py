@@ -296,6 +296,11 @@ class Ready(BaseModel):
 
     ready: bool
     reasons: list[str] = Field(default_factory=list)
+    demo: dict[str, Any] | None = Field(
+        default=None,
+        description="With RESTUNE_DEMO: the demo bootstrap's state (training, done, ...), "
+        "the demo tuners and those registered so far",
+    )
 
 
 def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:

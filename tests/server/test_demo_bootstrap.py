@@ -4,15 +4,20 @@ event loop, and stops cleanly when the server shuts down. Tiny random backbone, 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from restuning.demo import demo_tasks
 from restuning.train.progress import TrainingCancelledError
+from server.app import create_app
 from server.demo import DemoStatus, bootstrap_demo, demo_in_background
 from server.engine.service import InferenceService, TaskRef
 from server.metrics import Metrics
@@ -143,3 +148,30 @@ def test_each_demo_tuner_is_registered_as_soon_as_it_is_trained(tmp_path: Path) 
     assert "still being trained (1 of 5" in face_hint
     assert digit_hint is None  # already registered: no hint
     assert DemoStatus().pending_hint("face") is None  # no bootstrap running
+
+
+def test_a_request_for_a_demo_tuner_in_training_says_how_far(tmp_path: Path) -> None:
+    """The README's first curl can arrive before the demo tuners exist: the 404 says the
+    tuner is still training, and ``/readyz`` (ready all along) reports the progress."""
+    app = create_app(demo_settings(tmp_path, demo=False))
+    image = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image, format="PNG")
+    with TestClient(app) as client:
+        status: DemoStatus = app.state.demo
+        status.state, status.tasks, status.started = "training", ("digit", "face"), 0.0
+        status.registered.append("digit")
+        resp = client.post(
+            "/v1/predict",
+            files=[("image", ("a.png", image.getvalue(), "image/png"))],
+            data={"tasks": "face"},
+        )
+        ready = client.get("/readyz")
+    assert (resp.status_code, resp.json()["code"]) == (404, "unknown_task")
+    assert "demo tuner still being trained (1 of 2" in resp.json()["detail"]
+    assert ready.status_code == 200
+    demo = ready.json()["demo"]
+    assert (demo["state"], demo["registered"], demo["tasks"]) == (
+        "training",
+        ["digit"],
+        ["digit", "face"],
+    )
