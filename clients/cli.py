@@ -2,15 +2,17 @@
 
 Own commands (HTTP only, through :mod:`clients.sdk`)::
 
-    restune predict URL IMAGE... --tasks a,b [--top-k N] [--json]
+    restune predict IMAGE... --tasks a,b [--url URL] [--top-k N] [--json]
     restune tuners list [--url URL] [--json]
     restune tuners show NAME [--url URL]
     restune tuners push NAME FILE [--url URL] [--token TOKEN]
     restune tuners rm NAME [--url URL] [--token TOKEN]
-    restune health URL
+    restune health [--url URL]
 
-``--url`` defaults to ``$RESTUNE_URL`` or http://127.0.0.1:8000; the admin token to
-``$RESTUNE_ADMIN_TOKEN``.
+Every verb finds the server the same way: ``--url``, else ``$RESTUNE_URL``, else
+http://127.0.0.1:8000. ``predict`` and ``health`` also take the URL as their first argument
+(``restune predict http://host:8000 a.png --tasks t``), as earlier releases required. The admin
+token defaults to ``$RESTUNE_ADMIN_TOKEN``.
 
 Other subcommands (``serve``, ``train``, ...) come from the ``restune.commands`` entry-point
 group: each entry point is a callable ``register(subparsers)`` that adds its parsers and sets
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
@@ -147,7 +150,7 @@ def _usage(message: str) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``restune predict URL IMAGE... --tasks a,b``."""
+    """``restune predict IMAGE... --tasks a,b``."""
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         return _usage(f"no such file: {', '.join(missing)}")
@@ -204,7 +207,7 @@ def cmd_tuners_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """``restune health URL``: 0 when live and ready, 4 when live but not ready."""
+    """``restune health``: 0 when live and ready, 4 when live but not ready."""
     with _client(args, args.url) as client:
         health = client.health()
     if args.json:
@@ -233,9 +236,24 @@ def _common(json_flag: bool = True) -> argparse.ArgumentParser:
 def _url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        default=os.environ.get("RESTUNE_URL", DEFAULT_URL),
-        help="server URL (default $RESTUNE_URL or %(default)s)",
+        default=None,
+        help=f"server URL (default $RESTUNE_URL or {DEFAULT_URL})",
     )
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def resolve_url(args: argparse.Namespace) -> None:
+    """Fill ``args.url``: ``--url``, a URL given as the first positional argument (predict,
+    health), ``$RESTUNE_URL``, then the default."""
+    given: str | None = getattr(args, "leading", None)
+    images = getattr(args, "images", None)
+    if isinstance(images, list) and images and _URL_SCHEME.match(images[0]):
+        given = images.pop(0)
+    args.url = args.url or given
+    if not args.url:
+        args.url = os.environ.get("RESTUNE_URL") or DEFAULT_URL
 
 
 def _token_option(parser: argparse.ArgumentParser) -> None:
@@ -257,38 +275,44 @@ def register_own(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="run several tasks on images",
         description="Send images to a server and print every task's answer per image.",
     )
-    p.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (PNG, JPEG, ...); a server URL before them is taken as --url",
+    )
+    _url_option(p)
     p.add_argument("--tasks", required=True, help="comma-separated task names; name@3 pins v3")
     p.add_argument("--top-k", type=_positive, default=5, help="labels per task (default 5)")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, finds_server=True)
 
     tuners = subparsers.add_parser("tuners", help="list, show, push or remove task tuners")
     sub = tuners.add_subparsers(dest="tuners_command", metavar="ACTION", required=True)
     lst = sub.add_parser("list", parents=[_common()], help="list registered tuners")
     _url_option(lst)
-    lst.set_defaults(func=cmd_tuners_list)
+    lst.set_defaults(func=cmd_tuners_list, finds_server=True)
     show = sub.add_parser("show", parents=[_common(False)], help="show one tuner as JSON")
     show.add_argument("name")
     _url_option(show)
-    show.set_defaults(func=cmd_tuners_show)
+    show.set_defaults(func=cmd_tuners_show, finds_server=True)
     push = sub.add_parser("push", parents=[_common(False)], help="register an artifact file")
     push.add_argument("name")
     push.add_argument("file", help="a .safetensors tuner artifact")
     _url_option(push)
     _token_option(push)
-    push.set_defaults(func=cmd_tuners_push)
+    push.set_defaults(func=cmd_tuners_push, finds_server=True)
     rm = sub.add_parser("rm", parents=[_common(False)], help="delete a tuner")
     rm.add_argument("name")
     _url_option(rm)
     _token_option(rm)
-    rm.set_defaults(func=cmd_tuners_rm)
+    rm.set_defaults(func=cmd_tuners_rm, finds_server=True)
 
     h = subparsers.add_parser(
         "health", parents=[_common()], help="check that a server is live and ready"
     )
-    h.add_argument("url", help="server URL")
-    h.set_defaults(func=cmd_health)
+    h.add_argument("leading", nargs="?", metavar="URL", help="server URL (same as --url)")
+    _url_option(h)
+    h.set_defaults(func=cmd_health, finds_server=True)
 
 
 def _plugins() -> list[EntryPoint]:
@@ -336,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "finds_server", False):
+        resolve_url(args)
     handler: Handler | None = getattr(args, "func", None)
     if handler is None:
         parser.print_usage(sys.stderr)

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from clients.cli import (
+    DEFAULT_URL,
     EXIT_CONNECTION,
     EXIT_USAGE,
     OWN_COMMANDS,
     build_parser,
     describe_answer,
     main,
+    resolve_url,
 )
 from clients.types import TaskAnswer, TaskError
 
@@ -93,8 +95,48 @@ def test_parser_has_the_documented_commands() -> None:
     parser, _ = build_parser(plugins=False)
     args = parser.parse_args(["tuners", "push", "a", "f.safetensors", "--token", "t"])
     assert (args.name, args.file, args.token) == ("a", "f.safetensors", "t")
-    args = parser.parse_args(["predict", "u", "x.png", "y.png", "--tasks", "a,b", "--top-k", "2"])
+    args = parser.parse_args(["predict", "x.png", "y.png", "--tasks", "a,b", "--top-k", "2"])
     assert (args.images, args.tasks, args.top_k) == (["x.png", "y.png"], "a,b", 2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "url", "rest"),
+    [
+        (["predict", "a.png", "--tasks", "t"], None, DEFAULT_URL, ["a.png"]),
+        (["predict", "a.png", "--tasks", "t"], "http://env:1", "http://env:1", ["a.png"]),
+        (
+            ["predict", "--url", "http://f:2", "a.png", "--tasks", "t"],
+            "http://e",
+            "http://f:2",
+            ["a.png"],
+        ),
+        (["predict", "http://p:3", "a.png", "--tasks", "t"], "http://e", "http://p:3", ["a.png"]),
+        (["health"], "http://env:1", "http://env:1", None),
+        (["health", "http://p:3"], None, "http://p:3", None),
+        (["health", "--url", "http://f:2"], None, "http://f:2", None),
+        (["tuners", "list"], "http://env:1", "http://env:1", None),
+        (["tuners", "rm", "x", "--url", "http://f:2"], None, "http://f:2", None),
+    ],
+)
+def test_every_verb_finds_the_server_the_same_way(
+    argv: list[str],
+    env: str | None,
+    url: str,
+    rest: list[str] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--url, else a leading URL argument (predict, health), else $RESTUNE_URL, else the
+    default."""
+    if env is None:
+        monkeypatch.delenv("RESTUNE_URL", raising=False)
+    else:
+        monkeypatch.setenv("RESTUNE_URL", env)
+    parser, _ = build_parser(plugins=False)
+    args = parser.parse_args(argv)
+    resolve_url(args)
+    assert args.url == url
+    if rest is not None:
+        assert args.images == rest
 
 
 def test_answer_cells() -> None:
