@@ -35,7 +35,7 @@ from server.engine.cuda_graphs import (
     graph_key,
     group_tuners,
 )
-from server.engine.decode import decode_image, pixel_digest
+from server.engine.decode import decode_image, input_digest
 from server.engine.decode_gpu import (
     GpuImageDecoder,
     gpu_decode_available,
@@ -632,7 +632,7 @@ def test_gpu_decoder_checks_limits_before_decoding(tiny_backbone: TorchBackbone)
     ((pixels, digest),) = decoder.prepare([png])
     img = decode_image(png, 0, max_bytes=50_000, max_pixels=4900)
     assert torch.equal(pixels, preprocess(img, dc))
-    assert digest == pixel_digest(img)
+    assert digest == input_digest(pixels)
 
 
 def test_gpu_decode_needs_cuda() -> None:
