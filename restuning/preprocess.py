@@ -49,7 +49,7 @@ Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in source pixel coordinates, fractional."""
 
 
-def _resized_size(width: int, height: int, data_config: DataConfig) -> tuple[int, int]:
+def resized_size(width: int, height: int, data_config: DataConfig) -> tuple[int, int]:
     """(width, height) after timm's resize step."""
     _, out_h, out_w = data_config.input_size
     if out_h != out_w:
@@ -70,7 +70,7 @@ def crop_box(width: int, height: int, data_config: DataConfig) -> Box:
     ``crop_pct <= 1`` makes the resized image at least the output size on both axes.
     """
     _, out_h, out_w = data_config.input_size
-    new_w, new_h = _resized_size(width, height, data_config)
+    new_w, new_h = resized_size(width, height, data_config)
     left = round((new_w - out_w) / 2.0)
     top = round((new_h - out_h) / 2.0)
     sx, sy = width / new_w, height / new_h
@@ -139,7 +139,7 @@ def crop_pixels(
     if mode == "fast":
         # JPEG only (a no-op elsewhere, and once loaded): the largest 1/2^k scale whose
         # image still covers the resized size, so the filter below still shrinks.
-        drafted = img.draft("RGB", _resized_size(width, height, data_config))
+        drafted = img.draft("RGB", resized_size(width, height, data_config))
         if drafted is not None and img.size != (width, height):
             scale = drafted[1][2] / width  # the draft's extent of the original image
             box = (box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale)

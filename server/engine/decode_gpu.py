@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from restuning.preprocess import PreprocessMode, _resized_size
+from restuning.preprocess import PreprocessMode, resized_size
 from restuning.presets import DataConfig
 from server.engine.decode import input_digest, open_checked, prepare_image
 from server.errors import ApiError
@@ -62,7 +62,7 @@ def preprocess_on_device(image: torch.Tensor, data_config: DataConfig) -> torch.
     rule), center crop padded with black where the crop leaves the image, ``/255``, mean/std.
     """
     _, height, width = image.shape
-    new_w, new_h = _resized_size(int(width), int(height), data_config)
+    new_w, new_h = resized_size(int(width), int(height), data_config)
     x = image.unsqueeze(0).to(torch.float32)  # (1, 3, h, w)
     if (new_h, new_w) != (height, width):
         x = F.interpolate(

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data
 
 from restuning.preprocess import (
-    _resized_size,
+    resized_size,
     crop_box,
     crop_pixels,
     preprocess,
@@ -58,7 +58,7 @@ def test_real_photo_matches_hand_computed_crop(
 def reference_crop(img: Image.Image, config: DataConfig) -> np.ndarray:  # (H, W, 3) uint8
     """timm's eval transform on a PIL image: resize the whole image, then center-crop."""
     rgb = img.convert("RGB")
-    new_w, new_h = _resized_size(rgb.width, rgb.height, config)
+    new_w, new_h = resized_size(rgb.width, rgb.height, config)
     filt = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
     resized = rgb.resize((new_w, new_h), filt[config.interpolation])
     _, out_h, out_w = config.input_size
