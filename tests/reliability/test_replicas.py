@@ -252,6 +252,24 @@ def test_restarts_and_store_outages_never_reach_clients(
             )
             assert resp.status_code == 200, resp.text
 
+    direct: list[str] = []
+    """What b itself answered (not through nginx) while it could not reach Redis."""
+
+    def answer_of(replica: Replica, tasks: str) -> str:
+        """A predict straight to ``replica``: ``"<status> <code>"`` or, for a 200, the
+        per-task error codes (``"200 ok"`` when every task answered)."""
+        with httpx.Client(base_url=replica.url(), timeout=30) as c:
+            resp = c.post(
+                "/v1/predict",
+                files=[("image", ("x.png", tiny_images(1)[0], "image/png"))],
+                data={"tasks": tasks},
+            )
+        if resp.status_code != 200:
+            return f"{resp.status_code} {resp.json().get('code')}"
+        answers = resp.json()["results"][0]["tasks"].values()
+        errors = sorted({a["error"]["code"] for a in answers if "error" in a})
+        return f"200 {','.join(errors) or 'ok'}"
+
     def serves_probe(replica: Replica, version: int) -> bool:
         try:
             with httpx.Client(base_url=replica.url(), timeout=5) as c:
@@ -340,6 +358,8 @@ def test_restarts_and_store_outages_never_reach_clients(
                 b.start(wait_ready=False)
                 time.sleep(2.0)
                 assert not ready(b.url()), "b cannot have read the index"
+                direct.append(answer_of(b, TASKS))
+                notes.append(f"b itself answered {direct[-1]}")
                 redis_process.start()
                 ready_s = wait_for(lambda: ready(b.url()), "b ready")
                 notes.append(f"b ready {ready_s:.2f} s after Redis returned")
@@ -349,6 +369,8 @@ def test_restarts_and_store_outages_never_reach_clients(
                 b.start()
                 admin.save()
                 redis_process.kill()
+                direct.append(answer_of(b, PROBE))  # known to b, never loaded there
+                notes.append(f"b itself answered {direct[-1]}")
                 time.sleep(OUTAGE_S)
                 redis_process.start()
                 wait_for(lambda: serves_probe(b, probe_version), "b to serve again")
@@ -363,6 +385,8 @@ def test_restarts_and_store_outages_never_reach_clients(
     print_table(rows)
     for row in rows:
         assert (row.failed, row.twice) == (0, 0), row
+    # Not 404 unknown_task, not a 200 with a per-task load error: retryable, for the request.
+    assert direct == ["503 store_unavailable"] * 2
 
 
 def tabulate(
