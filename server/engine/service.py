@@ -148,6 +148,7 @@ class InferenceService:
             return
         self.started = False
         await self.batcher.drain(grace_s=self.settings.request_timeout_s)
+        self.engine.close()  # after the last batch: no plan is replaying
         await self.registry.stop()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
