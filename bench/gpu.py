@@ -19,13 +19,15 @@ ViT-B/16 at 224 px in bf16, random weights (timing only), CLS-pooled res_adapter
 
 Run on a lent GPU machine: see docs/GPU.md (wheels for the server section travel with the
 tree). ``--cpu-smoke`` runs every section but the server on the tiny preset on the CPU in
-seconds (the test suite does). Writes ``bench/results/gpu-<device>.json`` and prints a table.
+seconds (the test suite does). Writes ``bench/results/gpu-<device>.json`` after every section
+(a section that fails is recorded under ``errors`` and the next one runs) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +49,13 @@ from restuning.artifact_io import save_task
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.preprocess import preprocess
 from restuning.tuners import TaskModule
-from server.engine.cuda_graphs import PlanFactory, graph_key, group_tuners
+from server.engine.cuda_graphs import (
+    CudaGraphPlan,
+    DensePlan,
+    PlanFactory,
+    graph_key,
+    group_tuners,
+)
 from server.engine.decode import decode_image
 from server.engine.engine import BatchItem, Engine
 from server.engine.feature_cache import FeatureCache
@@ -257,12 +266,12 @@ def engine_section(
                         wall_ms.append((time.perf_counter() - began) * 1e3)
                         gpu_ms.append(out.backbone_ms + out.fanout_ms)
                 step = statistics.median(gpu_ms)
-                body = getattr(plan, "body", plan)
+                body = plan.body if isinstance(plan, CudaGraphPlan) else plan
                 row = {
                     "tasks": k,
                     "batch": batch,
                     "grouped_kernel": setting,
-                    "impls": sorted(set(getattr(body, "impls", []))),
+                    "impls": sorted(set(body.impls)) if isinstance(body, DensePlan) else [],
                     "step_ms": round(step, 3),
                     "wall_ms": round(statistics.median(wall_ms), 3),
                     "x_plain_forward": round(step / plain_ms[batch], 3),
@@ -332,8 +341,7 @@ def server_section(
             ready = client.get("/readyz").json()
             headers = {**server.admin_headers, "Content-Type": "application/octet-stream"}
             for tuner in tuners:
-                data = save_task(tuner.module.to("cpu"))
-                tuner.module.to(preset.device)
+                data = save_task(tuner.module)  # copies each tensor to the host
                 client.put(f"/v1/tuners/{tuner.name}", content=data, headers=headers)
             names = ",".join(t.name for t in tuners)
             code = (
@@ -462,11 +470,32 @@ def device_slug(device: torch.device) -> str:
     return "-".join(name.lower().replace("_", " ").split())
 
 
-def run(preset: Preset, *, with_server: bool) -> dict[str, Any]:
-    """Every section of ``preset``; the result document."""
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    """Write the result document whole (a temporary file renamed over ``out``): a run that
+    dies later keeps every section written so far."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """Between sections: what one section left on the card must not starve the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run(preset: Preset, *, with_server: bool, out: Path) -> dict[str, Any]:
+    """Every section of ``preset``; the result document, written to ``out`` after each one.
+
+    Each section runs on its own: one that raises is recorded under ``errors`` (with its
+    traceback printed) and the next one runs; a section needing what a failed one made is
+    recorded as skipped. Only loading the backbone ends the run early.
+    """
     started = time.perf_counter()
     torch.manual_seed(0)
-    backbone = load_backbone(preset.arch, "random:0", device=preset.device, dtype=preset.dtype)
     result: dict[str, Any] = {
         "bench": "gpu",
         "arch": preset.arch,
@@ -476,77 +505,145 @@ def run(preset: Preset, *, with_server: bool) -> dict[str, Any]:
         else "cpu",
         "torch": torch.__version__,
         "goals": GOALS,
+        "errors": {},
     }
-    result["backbone"] = backbone_section(preset, backbone)
-    plain = {b: r["graphed_ms"] for b, r in result["backbone"].items()}
-    for batch in preset.engine_batches:
-        if batch not in plain:
-            result["backbone"][batch] = backbone_section(
-                dataclasses.replace(preset, backbone_batches=(batch,)), backbone
-            )[batch]
-            plain[batch] = result["backbone"][batch]["graphed_ms"]
-    tuners = make_tuners(backbone, max(preset.engine_tasks), preset.device)
-    result["engine"] = engine_section(preset, backbone, plain, tuners)
+
+    def section(name: str, fn: Callable[[], Any], *, keep: bool = True) -> Any:
+        """Run ``fn``; its value goes in the document under ``name`` when ``keep``."""
+        began = time.perf_counter()
+        print(f"--- {name}", flush=True)
+        value: Any = None
+        try:
+            value = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            result["errors"][name] = f"{type(exc).__name__}: {exc}"
+        else:
+            if keep and value is not None:
+                result[name] = value
+        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - began, 1)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write_result(out, result)
+        _free_device_memory(preset.device)
+        return value
+
+    def needs(*names: str) -> None:
+        missing = [n for n in names if n not in result]
+        if missing:
+            raise RuntimeError(f"skipped: section {', '.join(missing)} has no result")
+
+    backbone = section(
+        "load",
+        lambda: load_backbone(preset.arch, "random:0", device=preset.device, dtype=preset.dtype),
+        keep=False,
+    )
+    if backbone is None:
+        return result
+
+    def backbone_rows() -> dict[int, dict[str, float]]:
+        batches = tuple(dict.fromkeys((*preset.backbone_batches, *preset.engine_batches)))
+        return backbone_section(dataclasses.replace(preset, backbone_batches=batches), backbone)
+
+    section("backbone", backbone_rows)
+    tuners: list[LoadedTuner] | None = section(
+        "tuners", lambda: make_tuners(backbone, max(preset.engine_tasks), preset.device), keep=False
+    )
+
+    def engine() -> list[dict[str, Any]]:
+        needs("backbone")
+        if tuners is None:
+            raise RuntimeError("skipped: no tuners")
+        plain = {b: r["graphed_ms"] for b, r in result["backbone"].items()}
+        return engine_section(preset, backbone, plain, tuners)
+
+    section("engine", engine)
     jpegs = sample_jpegs(64)
     pixels = pixels_of(backbone, jpegs)
     batch = max(preset.engine_batches)
-    server_tasks = tuners[: min(SERVER_TASKS, len(tuners))]
-    result["engine_alone"] = engine_alone(preset, backbone, server_tasks, pixels, batch)
+    server_tasks = (tuners or [])[: min(SERVER_TASKS, len(tuners or []))]
+
+    def alone() -> dict[str, float]:
+        if not server_tasks:
+            raise RuntimeError("skipped: no tuners")
+        return engine_alone(preset, backbone, server_tasks, pixels, batch)
+
+    section("engine_alone", alone)
     if with_server:
-        server = server_section(preset, backbone, server_tasks, batch)
-        server["over_engine_alone"] = round(
-            server["images_per_s"] / result["engine_alone"]["images_per_s"], 3
-        )
-        result["server"] = server
-    result["decode"] = decode_section(preset, backbone, jpegs)
-    result["parity"] = parity_section(preset, backbone, server_tasks, pixels)
-    result["seconds"] = round(time.perf_counter() - started, 1)
+
+        def server() -> dict[str, Any]:
+            if not server_tasks:
+                raise RuntimeError("skipped: no tuners")
+            row = server_section(preset, backbone, server_tasks, batch)
+            if "engine_alone" in result:
+                row["over_engine_alone"] = round(
+                    row["images_per_s"] / result["engine_alone"]["images_per_s"], 3
+                )
+            return row
+
+        section("server", server)
+    section("decode", lambda: decode_section(preset, backbone, jpegs))
+
+    def parity() -> dict[str, Any]:
+        if not server_tasks:
+            raise RuntimeError("skipped: no tuners")
+        return parity_section(preset, backbone, server_tasks, pixels)
+
+    section("parity", parity)
     return result
 
 
 def table(result: dict[str, Any]) -> str:
-    """The headline numbers as a Markdown table."""
+    """The headline numbers as a Markdown table (sections that failed are listed last)."""
     lines = [f"restune GPU bench: {result['arch']} {result['dtype']} on {result['device']}", ""]
-    lines += ["| backbone batch | eager ms | graphed ms | graphed img/s |", "|---|---|---|---|"]
-    for batch, row in sorted(result["backbone"].items()):
+    if "backbone" in result:
+        lines += ["| backbone batch | eager ms | graphed ms | graphed img/s |", "|---|---|---|---|"]
+        for batch, row in sorted(result["backbone"].items()):
+            lines.append(
+                f"| {batch} | {row['eager_ms']} | {row['graphed_ms']} "
+                f"| {row['graphed_images_per_s']} |"
+            )
+    if "engine" in result:
+        lines += [
+            "",
+            "| K tasks | batch | kernel | step ms | x plain graphed forward |",
+            "|---|---|---|---|---|",
+        ]
+        for row in result["engine"]:
+            kernel = f"{row['grouped_kernel']} {'/'.join(row['impls'])}"
+            lines.append(
+                f"| {row['tasks']} | {row['batch']} | {kernel} | {row['step_ms']} "
+                f"| {row['x_plain_forward']} |"
+            )
+    lines.append("")
+    if "engine_alone" in result:
+        alone = result["engine_alone"]
         lines.append(
-            f"| {batch} | {row['eager_ms']} | {row['graphed_ms']} | {row['graphed_images_per_s']} |"
+            f"engine alone (answers included), batch {alone['batch']}, K {alone['tasks']}: "
+            f"{alone['images_per_s']} img/s"
         )
-    lines += [
-        "",
-        "| K tasks | batch | kernel | step ms | x plain graphed forward |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result["engine"]:
-        kernel = f"{row['grouped_kernel']} {'/'.join(row['impls'])}"
-        lines.append(
-            f"| {row['tasks']} | {row['batch']} | {kernel} | {row['step_ms']} "
-            f"| {row['x_plain_forward']} |"
-        )
-    alone = result["engine_alone"]
-    lines += [
-        "",
-        f"engine alone (answers included), batch {alone['batch']}, K {alone['tasks']}: "
-        f"{alone['images_per_s']} img/s",
-    ]
     if "server" in result:
         s = result["server"]
         lines.append(
             f"server end to end: {s['images_per_s']} img/s, p50 {s['p50_ms']} ms, "
-            f"= {s['over_engine_alone']} x engine alone (fallbacks {s['cuda_graph_fallbacks']})"
+            f"= {s.get('over_engine_alone', 'n/a')} x engine alone "
+            f"(fallbacks {s['cuda_graph_fallbacks']})"
         )
-    d = result["decode"]
-    lines.append(
-        f"decode: PIL x{d['pil_threads']} threads {d['pil_images_per_s']} img/s, "
-        f"GPU {d.get('gpu_images_per_s', 'n/a')} img/s"
-    )
-    p = result["parity"]
-    lines.append(
-        f"parity vs CPU fp32: max |dp| {p['max_abs_probability_diff_vs_cpu_fp32']}, "
-        f"top-1 agreement {p['top1_agreement_vs_cpu_fp32']}; alone vs batch max |dp| "
-        f"{p['max_abs_probability_diff_alone_vs_batch']}"
-    )
-    lines.append(f"total {result['seconds']} s")
+    if "decode" in result:
+        d = result["decode"]
+        lines.append(
+            f"decode: PIL x{d['pil_threads']} threads {d['pil_images_per_s']} img/s, "
+            f"GPU {d.get('gpu_images_per_s', 'n/a')} img/s"
+        )
+    if "parity" in result:
+        p = result["parity"]
+        lines.append(
+            f"parity vs CPU fp32: max |dp| {p['max_abs_probability_diff_vs_cpu_fp32']}, "
+            f"top-1 agreement {p['top1_agreement_vs_cpu_fp32']}; alone vs batch max |dp| "
+            f"{p['max_abs_probability_diff_alone_vs_batch']}"
+        )
+    for name, error in result.get("errors", {}).items():
+        lines.append(f"FAILED {name}: {error}")
+    lines.append(f"total {result.get('seconds', 0)} s")
     return "\n".join(lines)
 
 
@@ -562,10 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             parser.error("no CUDA device here; use --cpu-smoke to check the script on the CPU")
         preset = FULL
-    result = run(preset, with_server=preset.server and not args.no_server)
     out = args.out or RESULTS / f"gpu-{device_slug(preset.device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result = run(preset, with_server=preset.server and not args.no_server, out=out)
     print(table(result))
     print(f"wrote {out}")
 

@@ -149,6 +149,7 @@ _CLASS_BY_CODE: dict[str, type[RestuneError]] = {
     "version_not_found": NotFound,
     "not_found": NotFound,
     "bad_image": BadImage,
+    "image_aspect_ratio": BadImage,
     "validation_error": ValidationFailed,
     "too_many_tasks": ValidationFailed,
     "no_tasks": ValidationFailed,

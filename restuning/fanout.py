@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from restuning.features import Features, FeatureSpec
@@ -64,6 +65,10 @@ class _Stack:
     tuners: dict[tuple[str, int], dict[str, Tensor]]  # (side, layer) -> name -> (K, ...)
     head_weight: Tensor  # (K, C, D)
     head_bias: Tensor  # (K, C)
+    norm: _Norm
+    """The frozen final norm, copied in the stack's dtype: one dtype for every operand of the
+    layer_norm (CUDA refuses bf16 activations with float32 weights), and a tensor the stack
+    owns, so a captured graph never reads a module's buffer that may be moved or freed."""
 
     def narrow(self, start: int, stop: int) -> _Stack:
         """Tasks ``start..stop-1`` (views, no copy)."""
@@ -71,16 +76,31 @@ class _Stack:
             {key: {n: t[start:stop] for n, t in p.items()} for key, p in self.tuners.items()},
             self.head_weight[start:stop],
             self.head_bias[start:stop],
+            self.norm,
         )
 
     def take(self, tasks: list[int]) -> _Stack:
-        """Tasks ``tasks`` in that order (a copy)."""
+        """Tasks ``tasks`` in that order (a copy; eager path only: the index is host data)."""
         index = torch.tensor(tasks, device=self.head_bias.device)
         return _Stack(
             {key: {n: t[index] for n, t in p.items()} for key, p in self.tuners.items()},
             self.head_weight[index],
             self.head_bias[index],
+            self.norm,
         )
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """A LayerNorm's affine tensors (D,) or ``None``, and its epsilon."""
+
+    weight: Tensor | None  # (D,)
+    bias: Tensor | None  # (D,)
+    eps: float
+
+    def __call__(self, h: Tensor) -> Tensor:
+        """LayerNorm over the last axis of ``h`` (..., D)."""
+        return F.layer_norm(h, h.shape[-1:], self.weight, self.bias, self.eps)
 
 
 class StackedGroup:
@@ -290,9 +310,8 @@ class StackedGroup:
 
     def _norm_pool_heads(self, stack: _Stack, h: Tensor, k: int, n: int) -> Tensor:
         """h_last (K, n, N', D) -> the frozen final norm, pooling and heads: (K, n, C)."""
-        first = self.modules[0]
-        z = first.bypass.final_norm(h)  # (K, n, N', D)
-        pooled = pool_tokens(z, first.config.pooling)  # (K, n, D)
+        z = stack.norm(h.to(stack.head_weight.dtype))  # (K, n, N', D)
+        pooled = pool_tokens(z, self.modules[0].config.pooling)  # (K, n, D)
         return torch.baddbmm(
             stack.head_bias.unsqueeze(1), pooled, stack.head_weight.transpose(1, 2)
         )  # (K, n, C)
@@ -310,10 +329,18 @@ def _stack(modules: Sequence[TaskModule], dtype: torch.dtype | None = None) -> _
                     name: torch.stack([p[name].detach() for p in per_task]).to(dtype)
                     for name in per_task[0]
                 }
+        bypass = modules[0].bypass
+        head_weight = torch.stack([m.head.weight.detach() for m in modules]).to(dtype)
+
+        def own(t: Tensor | None) -> Tensor | None:
+            # A copy (clone when no cast happens): the stack must not share the module's buffer.
+            return None if t is None else t.detach().to(head_weight.dtype).clone()
+
         return _Stack(
             tuners,
-            torch.stack([m.head.weight.detach() for m in modules]).to(dtype),
+            head_weight,
             torch.stack([m.head.bias.detach() for m in modules]).to(dtype),
+            _Norm(own(bypass.norm_weight), own(bypass.norm_bias), bypass.norm_eps),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -74,7 +75,7 @@ class Features:
         if spec == self.spec:
             return self
         pos = [self.spec.layers.index(layer) for layer in spec.layers]
-        data = self.data[pos]
+        data = _take_layers(self.data, pos)  # (L', B, N, D)
         if spec.tokens == "cls" and self.spec.tokens == "all":
             data = data[:, :, :1]
         return Features(spec, data)
@@ -82,3 +83,18 @@ class Features:
     def rows(self, index: torch.Tensor | slice) -> Features:
         """Features of a subset of the batch's images."""
         return Features(self.spec, self.data[:, index])
+
+
+def _take_layers(data: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """``data[positions]`` without turning a Python list into an index tensor.
+
+    Indexing with a list builds the index on the host and copies it to the device: a CUDA
+    graph capture refuses that copy. Evenly spaced positions are a strided view; any others
+    are stacked from per-layer views, which are device ops only.
+    """
+    if len(positions) == 1:
+        return data[positions[0] : positions[0] + 1]
+    step = positions[1] - positions[0]
+    if step > 0 and all(b - a == step for a, b in itertools.pairwise(positions)):
+        return data[positions[0] : positions[-1] + 1 : step]
+    return torch.stack([data[p] for p in positions])

@@ -1,14 +1,30 @@
 """Image -> normalised tensor, the way timm's eval transform prepares its weights' inputs.
 
-Resize the shorter side to floor(H / crop_pct) with the data config's filter (PIL, which
-antialiases when shrinking, as torchvision does on PIL images), center-crop H x W, scale to
-[0, 1], normalise. PIL + numpy only; the per-pixel work happens in C.
+timm resizes the shorter side to floor(H / crop_pct) with the data config's filter (PIL,
+which antialiases when shrinking, as torchvision does on PIL images), center-crops H x W,
+scales to [0, 1] and normalises. Here the center crop is computed first, in source
+coordinates, and only that window is resampled (``Image.resize(..., box=...)``): PIL maps
+every output pixel to the same source position and filter window either way, so the pixels
+equal the resize-then-crop ones (a rare grey level of float rounding apart) while the work
+and memory no longer grow with the resized image: a 100000 x 1 strip would otherwise be
+resized to ~6.5 gigapixels before 224 x 224 of it are kept.
+
+Two modes (:data:`PreprocessMode`):
+
+- ``exact``: the full-resolution pixels, resampled with the backbone's filter: timm's pixels.
+- ``fast``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose image still
+  covers the resize (``Image.draft``), and large shrinks first average pixel blocks
+  (``reducing_gap``), which makes a 12 MP JPEG ~9x cheaper; pixels move by a few grey
+  levels (bench/ingest.py measures by how much, and what it does to features).
+
+PIL + numpy only; the per-pixel work happens in C.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,11 +32,25 @@ from PIL import Image
 
 from restuning.presets import DataConfig
 
+PreprocessMode = Literal["exact", "fast"]
+"""``exact``: timm's pixels; ``fast``: reduced-scale JPEG decode and block-averaged shrink."""
+
+PREPROCESS_MODES: tuple[PreprocessMode, ...] = ("exact", "fast")
+
+FAST_REDUCING_GAP = 3.0
+"""``fast`` mode: shrinks by more than 3x first average integer blocks down to at most 3x
+(PIL's ``reducing_gap``; at 3 the result is within ~2 grey levels of the exact filter)."""
+
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
+"""Filter radius in output pixels: the source margin a window needs around the crop."""
+
+Box = tuple[float, float, float, float]
+"""(left, top, right, bottom) in source pixel coordinates, fractional."""
 
 
-def _resized_size(width: int, height: int, data_config: DataConfig) -> tuple[int, int]:
-    """(width, height) after the resize step."""
+def resized_size(width: int, height: int, data_config: DataConfig) -> tuple[int, int]:
+    """(width, height) after timm's resize step."""
     _, out_h, out_w = data_config.input_size
     if out_h != out_w:
         # timm resizes non-square targets to the scaled target itself, aspect not kept.
@@ -32,21 +62,104 @@ def _resized_size(width: int, height: int, data_config: DataConfig) -> tuple[int
     return int(short * width / height), short
 
 
-def _crop_array(img: Image.Image, data_config: DataConfig) -> np.ndarray:  # (H, W, 3) uint8
-    """Resized and center-cropped RGB pixels."""
-    rgb = img.convert("RGB")
-    size = _resized_size(rgb.width, rgb.height, data_config)
-    if size != rgb.size:
-        rgb = rgb.resize(size, _FILTERS[data_config.interpolation])
+def crop_box(width: int, height: int, data_config: DataConfig) -> Box:
+    """The center crop of the resized image, in the source image's coordinates.
+
+    timm crops at ``round((resized - out) / 2)`` in resized pixels; one resized pixel spans
+    ``source / resized`` source pixels per axis. The crop never leaves the resized image:
+    ``crop_pct <= 1`` makes the resized image at least the output size on both axes.
+    """
     _, out_h, out_w = data_config.input_size
-    left = round((rgb.width - out_w) / 2.0)
-    top = round((rgb.height - out_h) / 2.0)
-    # PIL pads with black if the crop leaves the image, as torchvision's center_crop does.
-    cropped = rgb.crop((left, top, left + out_w, top + out_h))
-    return np.array(cropped, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    new_w, new_h = resized_size(width, height, data_config)
+    left = round((new_w - out_w) / 2.0)
+    top = round((new_h - out_h) / 2.0)
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
 
 
-def _normalise(pixels: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
+def _window(
+    box: Box, width: int, height: int, out: tuple[int, int], support: float
+) -> tuple[int, int, int, int]:
+    """Integer source window holding ``box`` and every pixel its filter taps, clipped.
+
+    PIL's filter spans ``support`` output pixels, i.e. ``support * scale`` source pixels on a
+    shrink and ``support`` on an enlargement; two pixels more absorb rounding.
+    """
+    mx = math.ceil(support * max((box[2] - box[0]) / out[0], 1.0)) + 2
+    my = math.ceil(support * max((box[3] - box[1]) / out[1], 1.0)) + 2
+    return (
+        max(0, math.floor(box[0]) - mx),
+        max(0, math.floor(box[1]) - my),
+        min(width, math.ceil(box[2]) + mx),
+        min(height, math.ceil(box[3]) + my),
+    )
+
+
+def to_rgb(img: Image.Image, window: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """RGB pixels of ``window`` (default: all) of a loaded image; 16-bit and float grey
+    levels are scaled (by the whole image's range, so a crop keeps them), not clipped."""
+    if window is None:
+        window = (0, 0, img.width, img.height)
+    if img.mode.startswith("I") or img.mode == "F":
+        lo, hi = img.getextrema()
+        assert isinstance(lo, int | float)
+        assert isinstance(hi, int | float)
+        # convert("RGB") would clip values above 255: a 16-bit scan would come out white.
+        grey = np.array(img.crop(window), dtype=np.float32)  # (h, w), writable: the float copy
+        if img.mode == "F":
+            grey -= np.float32(lo)
+            top = max(float(hi) - float(lo), 1e-12)
+        else:
+            peak = float(hi)
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        grey *= np.float32(255.0 / top)
+        np.rint(grey, out=grey)
+        np.clip(grey, 0, 255, out=grey)
+        return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "RGB":
+        return img if window == (0, 0, img.width, img.height) else img.crop(window)
+    return img.crop(window).convert("RGB")
+
+
+def crop_pixels(
+    img: Image.Image, data_config: DataConfig, mode: PreprocessMode = "exact"
+) -> np.ndarray:  # (H, W, 3) uint8
+    """The backbone's H x W center crop of ``img``, resized, as RGB pixels.
+
+    ``img`` may be freshly opened and not loaded yet: ``fast`` mode then lets a JPEG decode
+    at a reduced scale. Memory is the decoded image (at most 4 bytes a pixel in PIL), one
+    RGB copy of the crop window (none for RGB images), and the output: nothing scales with
+    the resized size. Animated and multi-page files give their current frame.
+    """
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown preprocess mode {mode!r}; use one of {PREPROCESS_MODES}")
+    _, out_h, out_w = data_config.input_size
+    width, height = img.size
+    box = crop_box(width, height, data_config)
+    if mode == "fast":
+        # JPEG only (a no-op elsewhere, and once loaded): the largest 1/2^k scale whose
+        # image still covers the resized size, so the filter below still shrinks.
+        drafted = img.draft("RGB", resized_size(width, height, data_config))
+        if drafted is not None and img.size != (width, height):
+            scale = drafted[1][2] / width  # the draft's extent of the original image
+            box = (box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale)
+    img.load()
+    window = _window(
+        box, img.width, img.height, (out_w, out_h), _SUPPORT[data_config.interpolation]
+    )
+    rgb = to_rgb(img, window)
+    if rgb.size != img.size:  # cropped to the window: the box moves with it
+        box = (box[0] - window[0], box[1] - window[1], box[2] - window[0], box[3] - window[1])
+    out = rgb.resize(
+        (out_w, out_h),
+        _FILTERS[data_config.interpolation],
+        box=box,
+        reducing_gap=FAST_REDUCING_GAP if mode == "fast" else None,
+    )
+    return np.array(out, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+
+
+def normalise(pixels: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float32, (x / 255 - mean) / std."""
     mean = torch.tensor(data_config.mean, dtype=torch.float32) * 255.0
     inv_std = 1.0 / (torch.tensor(data_config.std, dtype=torch.float32) * 255.0)
@@ -54,16 +167,18 @@ def _normalise(pixels: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
     return out.movedim(-1, -3).contiguous()
 
 
-def preprocess(img: Image.Image, data_config: DataConfig) -> torch.Tensor:  # (3, H, W)
+def preprocess(
+    img: Image.Image, data_config: DataConfig, mode: PreprocessMode = "exact"
+) -> torch.Tensor:  # (3, H, W)
     """One PIL image as the backbone's normalised float32 input."""
-    return _normalise(torch.from_numpy(_crop_array(img, data_config)), data_config)
+    return normalise(torch.from_numpy(crop_pixels(img, data_config, mode)), data_config)
 
 
 def preprocess_batch(
-    images: Sequence[Image.Image], data_config: DataConfig
+    images: Sequence[Image.Image], data_config: DataConfig, mode: PreprocessMode = "exact"
 ) -> torch.Tensor:  # (B, 3, H, W)
     """Several PIL images as one normalised float32 batch."""
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
-    pixels = np.stack([_crop_array(img, data_config) for img in images])  # (B, H, W, 3)
-    return _normalise(torch.from_numpy(pixels), data_config)
+    pixels = np.stack([crop_pixels(img, data_config, mode) for img in images])  # (B, H, W, 3)
+    return normalise(torch.from_numpy(pixels), data_config)

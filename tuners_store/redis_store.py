@@ -16,9 +16,9 @@ Every mutation is one Lua script, so blobs, index and event are written atomical
 drops messages while a subscriber is disconnected, so :meth:`RedisStore.watch` yields a
 ``resync`` on every (re)connect and whenever the event sequence has a gap or the keyspace's
 epoch changed (a flush, or a restart that lost data), and one ``lost`` when the connection
-drops. Reconnects are retried every ``reconnect_max_s`` at most (0.5 s by default), so a watcher
-catches up within about that long after Redis returns. Scripts build key names from the prefix,
-so this store needs a standalone Redis (or one slot), not a cluster.
+drops. Reconnects are retried every ``reconnect_max_s`` at most (0.25 s by default), so a
+watcher catches up within about that long after Redis returns. Scripts build key names from
+the prefix, so this store needs a standalone Redis (or one slot), not a cluster.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class RedisStore(TunerStore):
         prefix: str = "restune",
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 10.0,
-        reconnect_max_s: float = 0.5,
+        reconnect_max_s: float = 0.25,
         health_check_s: float = 5.0,
     ) -> None:
         self.url = redacted(url)
@@ -406,7 +406,7 @@ class RedisStore(TunerStore):
         While Redis is unreachable this yields one ``lost``, then waits (reconnecting with a
         backoff from ``RECONNECT_FIRST_S`` doubling up to ``reconnect_max_s``) and yields
         nothing until it is back. The cap is what bounds how stale a replica stays after an
-        outage, and one refused connect every half second costs nothing.
+        outage, and a refused connect four times a second costs nothing.
         """
         delay = RECONNECT_FIRST_S
         lost = False

@@ -15,13 +15,25 @@ into graph 2's input and only graph 2 replays. All graphs share one memory pool;
 because the engine replays one graph at a time on one stream and reads a replay's outputs
 before the next replay (an older graph's intermediates may reuse a newer one's freed blocks).
 
-:class:`GraphRunner` keeps plans in an LRU bounded in count. A key it has no plan for is built
-off the request path (a builder thread) while that batch runs eagerly; a registration or
-deletion rebuilds the plans that used the changed task and swaps each in with one dict
-assignment, so a batch that already holds a plan finishes on it. A capture that fails is
-remembered and its key runs eagerly (``restune_cuda_graph_fallbacks_total``): never a failed
-request. On the CPU no graph is captured: the same :class:`DensePlan` runs eagerly, which is
-what the CPU tests drive through an injected build function.
+:class:`GraphRunner` keeps plans in an LRU bounded in count. A key it has no plan for runs that
+batch eagerly and is queued; the engine thread builds queued plans between batches
+(:meth:`GraphRunner.build_pending`), so warm-up and capture never run beside a replay, and they
+run on one capture stream the plan factory creates once (a high-priority stream: torch's
+low-priority pool, which torchvision's nvJPEG decoder draws from, never hands it out). A
+registration or deletion rebuilds the plans that used the changed task and swaps each in with
+one dict assignment, so a batch that already holds a plan finishes on it; a plan whose tuner
+version was unloaded while it was built is dropped, not installed.
+
+Before capturing, a plan runs its body once under
+:class:`~server.engine.capture_legality.CaptureRecorder`: a body that would break a capture
+(mixed dtypes, host data, host syncs, another device) is refused before any capture starts, and
+the recorder keeps alive every tensor the graph reads but the plan did not make. A capture that
+fails is cleaned up (capture ended, graph reset, a fresh memory pool for the next one) and its
+key runs eagerly from then on, counted in ``restune_cuda_graph_captures_total{result}`` and
+``restune_cuda_graph_fallbacks_total{reason}``: never a failed request. When the cleanup itself
+fails, graphs are switched off for the process (``reason="graphs_disabled"``) and the eager
+engine serves. On the CPU no graph is captured: the same :class:`DensePlan` runs eagerly, which
+is what the CPU tests drive, and what they run under the recorder for every plan shape.
 """
 
 from __future__ import annotations
@@ -31,7 +43,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -42,6 +53,7 @@ from restuning.fanout import BypassImpl, StackedGroup
 from restuning.features import Features, FeatureSpec
 from restuning.kernels.grouped_adapter import GroupedSetting, choose_bypass_impl
 from server.engine.buckets import fill_padded, pad_rows
+from server.engine.capture_legality import CaptureIllegalError, CaptureRecorder
 from server.engine.engine import _groups, _Task
 from server.engine.loaded_tuner import LoadedTuner, TunerKey
 from server.metrics import Metrics
@@ -123,13 +135,21 @@ class Plan(Protocol):
         """Features (L', n, N', D) of ``key.spec`` on the device -> outputs."""
         ...
 
+    def close(self) -> None:
+        """Free what the plan holds on the device (its graphs); it must not run again."""
+        ...
+
 
 BuildFn = Callable[[GraphKey, TunerGroups], Plan]
 """Builds the plan of a key (captures it on CUDA); may raise: the key then runs eagerly."""
 
 
 class DensePlan:
-    """The body of a plan, run eagerly: what a CUDA graph captures, and the CPU's stand-in."""
+    """The body of a plan, run eagerly: what a CUDA graph captures, and the CPU's stand-in.
+
+    Everything the body reads besides the backbone is the plan's own: the stacked tuners, the
+    heads and the final norm, copied in the compute dtype when the plan is built.
+    """
 
     def __init__(
         self,
@@ -157,8 +177,7 @@ class DensePlan:
             # Features of the bucket's shape to time the candidates on (only when timed).
             def run(impl: BypassImpl) -> object:
                 if not samples:
-                    pixels = torch.zeros((key.bucket, *input_shape), device=device)
-                    samples.append(Features(key.spec, self.features(pixels)))
+                    samples.append(Features(key.spec, self.features(self.zero_pixels())))
                 return group.forward_all(samples[0], impl)
 
             return run
@@ -184,6 +203,10 @@ class DensePlan:
     def tuners(self) -> TunerGroups:
         return self._tuners
 
+    def zero_pixels(self) -> Tensor:
+        """A bucket of zero images (bucket, 3, H, W) float32 on the plan's device."""
+        return torch.zeros((self._key.bucket, *self.input_shape), device=self.device)
+
     def features(self, pixels: Tensor) -> Tensor:
         """(bucket, 3, H, W) on the device -> (L', bucket, N', D)."""
         return self.forward(pixels, self._key.spec).data
@@ -193,6 +216,18 @@ class DensePlan:
         feats = Features(self._key.spec, data)
         outs = [g.forward_all(feats, impl) for g, impl in zip(self.groups, self.impls, strict=True)]
         return torch.cat([o.float().reshape(-1) for o in outs])
+
+    def body(self, pixels: Tensor) -> Tensor:
+        """Both parts at once: pixels (bucket, 3, H, W) -> the flat output (what is captured)."""
+        return self.fan_out(self.features(pixels))
+
+    def check_capturable(self, pixels: Tensor | None = None) -> CaptureRecorder:
+        """Run the body once under a :class:`CaptureRecorder`; raise
+        :class:`CaptureIllegalError` if a capture would refuse any of its ops. The returned
+        recorder holds the tensors the body read but did not make."""
+        recorder = CaptureRecorder(self.device)
+        recorder.run(lambda: self.body(self.zero_pixels() if pixels is None else pixels))
+        return recorder
 
     def output_shapes(self) -> list[tuple[int, int, int]]:
         """(K, bucket, C) of each group's block of the flat output."""
@@ -219,6 +254,9 @@ class DensePlan:
         outputs = split_outputs(flat, self.output_shapes(), n)
         return PlanOutput(outputs, None, 0.0, (done - started) * 1e3)
 
+    def close(self) -> None:
+        """Nothing to free: an eager body holds only tensors."""
+
 
 def split_outputs(flat: Tensor, shapes: Sequence[tuple[int, int, int]], rows: int) -> list[Tensor]:
     """The flat output buffer cut into (K, bucket, C) blocks, each narrowed to ``rows`` rows."""
@@ -231,30 +269,52 @@ def split_outputs(flat: Tensor, shapes: Sequence[tuple[int, int, int]], rows: in
     return out
 
 
-class CudaGraphPlan:
-    """A :class:`DensePlan` captured as two CUDA graphs with static buffers (see module doc)."""
+class CaptureCleanupError(RuntimeError):
+    """A failed capture could not be undone; graphs must not be captured in this process."""
 
-    def __init__(self, body: DensePlan, pool: _POOL_HANDLE | None = None) -> None:
+
+class CudaGraphPlan:
+    """A :class:`DensePlan` captured as two CUDA graphs with static buffers (see module doc).
+
+    Built on the engine thread between batches, on ``stream`` (the factory's capture stream,
+    created once). Raises :class:`CaptureIllegalError` before capturing a body a capture would
+    refuse, and :class:`CaptureCleanupError` when a failed capture could not be undone.
+    """
+
+    def __init__(
+        self, body: DensePlan, stream: torch.cuda.Stream, pool: _POOL_HANDLE | None = None
+    ) -> None:
         self.body = body
         device = body.device
-        bucket = body.key.bucket
-        self.static_pixels = torch.zeros((bucket, *body.input_shape), device=device)
-        # Warm-up on a side stream, as torch's graph docs require: first calls allocate
+        self.static_pixels = body.zero_pixels()  # (bucket, 3, H, W)
+        # Warm-up on the capture stream, as torch's graph docs require: first calls allocate
         # workspaces, pick cuBLAS algorithms and compile Triton kernels, none of which may
-        # happen during capture.
-        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                body.fan_out(body.features(self.static_pixels))
-        torch.cuda.current_stream(device).wait_stream(side)
-        # thread_local: the builder thread captures while the engine thread keeps serving.
+        # happen during capture. The last run is checked op by op before anything is captured.
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS - 1):
+                body.body(self.static_pixels)
+            checked = body.check_capturable(self.static_pixels)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.backbone_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backbone_graph, pool=pool, capture_error_mode="thread_local"):
-            self.static_features = body.features(self.static_pixels)  # (L', bucket, N', D)
         self.fanout_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fanout_graph, pool=pool, capture_error_mode="thread_local"):
-            self.static_out = body.fan_out(self.static_features)  # (sum K*bucket*C,) float32
+        recorder = CaptureRecorder(device)
+        try:
+            with recorder.recording():
+                with torch.cuda.graph(
+                    self.backbone_graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    self.static_features = body.features(self.static_pixels)  # (L', B, N', D)
+                with torch.cuda.graph(
+                    self.fanout_graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    self.static_out = body.fan_out(self.static_features)  # (sum K*B*C,) f32
+        except BaseException:
+            _abort_capture([self.backbone_graph, self.fanout_graph], stream, pool)
+            raise
+        # A graph reads its inputs by address at every replay: keep every tensor the body
+        # read and did not make (weights, cached position embeddings) alive with the plan.
+        self.keepalive = [*checked.external, *recorder.external]
         self.host_out = torch.empty(self.static_out.shape, dtype=torch.float32, pin_memory=True)
         self.shapes = body.output_shapes()
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]  # type: ignore[no-untyped-call]
@@ -301,6 +361,40 @@ class CudaGraphPlan:
         end.synchronize()  # type: ignore[no-untyped-call]
         return split_outputs(self.host_out, self.shapes, rows)
 
+    def close(self) -> None:
+        """Free both graphs (the engine is shutting down or the plan was evicted)."""
+        self.backbone_graph.reset()
+        self.fanout_graph.reset()
+
+
+def _abort_capture(
+    graphs: Sequence[torch.cuda.CUDAGraph], stream: torch.cuda.Stream, pool: _POOL_HANDLE | None
+) -> None:
+    """Undo a capture that raised: end it if the stream still captures, reset the graphs and
+    stop routing the stream's allocations to the graph pool. Raises
+    :class:`CaptureCleanupError` when the stream is left capturing."""
+    with torch.cuda.stream(stream):
+        if torch.cuda.is_current_stream_capturing():
+            for graph in graphs:
+                try:
+                    graph.capture_end()
+                except Exception:  # the capture is invalid; ending it is all that matters
+                    log.debug("ending an invalid capture raised", exc_info=True)
+        still = torch.cuda.is_current_stream_capturing()
+    end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if pool is not None and end_pool is not None:
+        try:
+            end_pool(stream.device.index, pool)
+        except Exception:  # not routed any more: capture_end got that far
+            log.debug("the graph pool was already released", exc_info=True)
+    for graph in graphs:
+        try:
+            graph.reset()
+        except Exception:
+            log.debug("resetting a failed graph raised", exc_info=True)
+    if still:
+        raise CaptureCleanupError("the capture stream is still capturing after a failed capture")
+
 
 @dataclass
 class PlanFactory:
@@ -314,6 +408,9 @@ class PlanFactory:
     capture: bool = True
     """False: return the eager :class:`DensePlan` (the CPU, tests, graphs switched off)."""
     pool: _POOL_HANDLE | None = field(default=None)
+    stream: torch.cuda.Stream | None = field(default=None)
+    """The capture stream, created on the first capture and kept: never one another thread
+    might be handed by torch's stream pool at the same time (see module doc)."""
 
     def __call__(self, key: GraphKey, tuners: TunerGroups) -> Plan:
         body = DensePlan(
@@ -327,16 +424,33 @@ class PlanFactory:
         )
         if not self.capture or self.device.type != "cuda":
             return body
+        if self.stream is None:
+            # A high-priority stream: torch keeps those in their own pool, apart from the
+            # default-priority streams libraries draw (torchvision's nvJPEG decoder).
+            self.stream = torch.cuda.Stream(self.device, priority=-1)  # type: ignore[no-untyped-call]
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        return CudaGraphPlan(body, self.pool)
+        try:
+            return CudaGraphPlan(body, self.stream, self.pool)
+        except CaptureIllegalError:
+            raise  # refused before any capture: the pool is untouched
+        except BaseException:
+            self.pool = None  # the next capture starts a fresh pool
+            raise
+
+
+@dataclass
+class _Queued:
+    tuners: TunerGroups
+    replaces: GraphKey | None
 
 
 class GraphRunner:
-    """Bounded LRU of plans by :class:`GraphKey`, built off the request path, swapped atomically.
+    """Bounded LRU of plans by :class:`GraphKey`, built between batches, swapped atomically.
 
-    ``executor``: where plans are built (one thread: captures never overlap); ``None`` builds
-    inline on the caller's thread (tests, warm-up).
+    ``deferred``: a key without a plan is queued and built by :meth:`build_pending`, which the
+    engine thread calls between batches (the batch that asked runs eagerly); False builds it
+    at once on the caller's thread (tests, warm-up).
     """
 
     def __init__(
@@ -345,58 +459,116 @@ class GraphRunner:
         *,
         capacity: int,
         metrics: Metrics | None = None,
-        executor: Executor | None = None,
+        deferred: bool = False,
     ) -> None:
         self.build = build
         self.capacity = capacity
         self.metrics = metrics
-        self.executor = executor
+        self.deferred = deferred
         self._plans: OrderedDict[GraphKey, Plan] = OrderedDict()
-        self._pending: set[GraphKey] = set()
+        self._queued: OrderedDict[GraphKey, _Queued] = OrderedDict()
+        self._building: set[GraphKey] = set()
+        self._cancelled: set[GraphKey] = set()
         self._failed: OrderedDict[GraphKey, str] = OrderedDict()
+        self._disabled: str | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        """Whether plans are kept at all (capacity 0 switches graphs off)."""
-        return self.capacity > 0
+        """Whether plans are used at all (capacity 0, a failed cleanup or close switch off)."""
+        return self.capacity > 0 and self._disabled is None and not self._closed
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why graphs were switched off for the process, or ``None``."""
+        return self._disabled
 
     def __len__(self) -> int:
         return len(self._plans)
+
+    def note_eager(self) -> None:
+        """Count a batch run eagerly because graphs are off: switched off by a failed cleanup
+        (``graphs_disabled``) or the engine closing (``closed``); not when settings say so."""
+        if self._disabled is not None:
+            self._fallback("graphs_disabled")
+        elif self._closed:
+            self._fallback("closed")
 
     def keys(self) -> list[GraphKey]:
         """Keys with a plan, least recently used first."""
         with self._lock:
             return list(self._plans)
 
-    def get(self, key: GraphKey, tuners: TunerGroups) -> Plan | None:
-        """The plan of ``key``, or ``None`` (run eagerly) while it is being built or failed."""
+    def queued(self) -> list[GraphKey]:
+        """Keys waiting for :meth:`build_pending`, oldest first."""
         with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
-            if key in self._failed:
-                self._fallback("capture_failed")
-                return None
-            if key in self._pending:
-                self._fallback("building")
-                return None
-            self._pending.add(key)
-        if self.executor is None:
-            plan = self._build(key, tuners)
-            if plan is None:
-                self._fallback("capture_failed")
+            return list(self._queued)
+
+    def failure(self, key: GraphKey) -> str | None:
+        """Why ``key`` runs eagerly for good, or ``None``."""
+        with self._lock:
+            return self._failed.get(key)
+
+    def get(self, key: GraphKey, tuners: TunerGroups) -> Plan | None:
+        """The plan of ``key``, or ``None`` (run eagerly) while it is queued, built or failed."""
+        with self._lock:
+            if not self.enabled:
+                reason = "graphs_disabled" if self._disabled is not None else "closed"
+                plan = None
+            else:
+                plan = self._plans.get(key)
+                reason = ""
+                if plan is not None:
+                    self._plans.move_to_end(key)
+                elif key in self._failed:
+                    reason = _fallback_reason(self._failed[key])
+                elif key in self._queued or key in self._building:
+                    reason = "building"
+                else:
+                    self._queued[key] = _Queued(tuners, None)
+                    reason = "building"
+        if plan is not None:
             return plan
-        self.executor.submit(self._build, key, tuners)
-        self._fallback("building")
-        return None
+        if reason != "building" or self.deferred or not self._dequeue(key):
+            self._fallback(reason)
+            return None
+        plan = self._build(key, tuners)
+        if plan is None:
+            self._fallback(_fallback_reason(self.failure(key) or "capture_failed"))
+        return plan
+
+    def build_pending(self, limit: int = 1) -> int:
+        """Build up to ``limit`` queued plans on this thread (the engine's, between batches);
+        returns how many were tried."""
+        tried = 0
+        while tried < limit:
+            with self._lock:
+                if not self._queued or not self.enabled:
+                    return tried
+                key, queued = self._queued.popitem(last=False)
+                self._building.add(key)
+            tried += 1
+            self._build(key, queued.tuners, queued.replaces)
+        return tried
+
+    def _dequeue(self, key: GraphKey) -> bool:
+        """Claim a queued ``key`` for building now; False when it is gone (cancelled)."""
+        with self._lock:
+            if self._queued.pop(key, None) is None:
+                return False
+            self._building.add(key)
+            return True
 
     def forget(self, tuner: TunerKey) -> None:
-        """Drop every plan holding version ``tuner`` (it was unloaded: no batch needs it)."""
+        """Drop every plan holding version ``tuner`` (it was unloaded: no batch needs it), and
+        every queued or running build of one: such a plan is dropped, never installed."""
         with self._lock:
-            for key in [k for k in self._plans if any(tuner in group for group in k.groups)]:
+            for key in [k for k in self._plans if _holds(k, tuner)]:
                 del self._plans[key]
+            for key in [k for k in self._queued if _holds(k, tuner)]:
+                del self._queued[key]
+            self._cancelled.update(k for k in self._building if _holds(k, tuner))
         self._report()
 
     def discard(self, key: GraphKey, reason: str) -> None:
@@ -405,6 +577,17 @@ class GraphRunner:
             self._plans.pop(key, None)
             self._remember_failure(key, reason)
         self._fallback(reason)
+        self._report()
+
+    def close(self) -> None:
+        """No more builds; free every plan (the engine is shutting down)."""
+        with self._lock:
+            self._closed = True
+            plans = list(self._plans.values())
+            self._plans.clear()
+            self._queued.clear()
+            self._cancelled.update(self._building)
+        _close_all(plans)
         self._report()
 
     def on_tuner_changed(self, name: str, tuner: LoadedTuner | None) -> None:
@@ -428,40 +611,76 @@ class GraphRunner:
             new_groups = group_tuners([*kept, tuner])
             new_key = graph_key(old_key.bucket, new_groups)
             with self._lock:
-                if new_key in self._plans or new_key in self._pending:
+                if new_key in self._plans or new_key in self._queued or new_key in self._building:
                     continue
-                self._pending.add(new_key)
-            if self.executor is None:
-                self._build(new_key, new_groups, replaces=old_key)
-            else:
-                self.executor.submit(self._build, new_key, new_groups, old_key)
+                self._queued[new_key] = _Queued(new_groups, old_key)
+            if not self.deferred and self._dequeue(new_key):
+                self._build(new_key, new_groups, old_key)
 
     def _build(
-        self, key: GraphKey, tuners: TunerGroups, replaces: GraphKey | None = None
+        self,
+        key: GraphKey,
+        tuners: TunerGroups,
+        replaces: GraphKey | None = None,
     ) -> Plan | None:
-        """Build ``key``'s plan and install it (replacing ``replaces``); failures are kept."""
+        """Build ``key``'s plan (claimed: in ``_building``) and install it, replacing
+        ``replaces``; failures are kept, a cancelled build is dropped.
+
+        Plans that leave the LRU are only let go, never freed here: a batch may still hold
+        one (it finishes on it); their graphs go with the last reference, or in :meth:`close`.
+        """
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             plan = self.build(key, tuners)
+        except CaptureCleanupError as exc:
+            log.exception("a failed capture could not be undone: CUDA graphs are off from now on")
+            self._fail(key, f"{type(exc).__name__}: {exc}", "failed")
+            self._disable("graphs_disabled")
+            return None
+        except CaptureIllegalError as exc:
+            log.error("the plan of %s is not capturable; it runs eagerly: %s", _describe(key), exc)
+            self._fail(key, f"not_capturable: {exc}", "not_capturable")
+            return None
         except Exception as exc:
             log.exception("capturing the plan of %s failed; it runs eagerly", _describe(key))
-            with self._lock:
-                self._pending.discard(key)
-                self._remember_failure(key, f"{type(exc).__name__}: {exc}")
-            self._count_capture("failed")
+            self._fail(key, f"capture_failed: {type(exc).__name__}: {exc}", "failed")
+            return None
+        with self._lock:
+            self._building.discard(key)
+            if key in self._cancelled or self._closed:
+                self._cancelled.discard(key)
+                installed = False
+            else:
+                installed = True
+                self._plans[key] = plan  # one assignment: the swap
+                self._plans.move_to_end(key)
+                if replaces is not None and replaces != key:
+                    self._plans.pop(replaces, None)
+                while len(self._plans) > self.capacity:
+                    self._plans.popitem(last=False)
+        if not installed:
+            log.info("dropped the plan of %s: a version it holds was unloaded", _describe(key))
+            _close_all([plan])
+            self._count_capture("dropped")
             return None
         log.info("captured %s in %.0f ms", _describe(key), (time.perf_counter() - started) * 1e3)
-        with self._lock:
-            self._pending.discard(key)
-            self._plans[key] = plan  # one assignment: the swap
-            self._plans.move_to_end(key)
-            if replaces is not None and replaces != key:
-                self._plans.pop(replaces, None)
-            while len(self._plans) > self.capacity:
-                self._plans.popitem(last=False)
         self._count_capture("ok")
         self._report()
         return plan
+
+    def _fail(self, key: GraphKey, reason: str, result: str) -> None:
+        with self._lock:
+            self._building.discard(key)
+            self._cancelled.discard(key)
+            self._remember_failure(key, reason)
+        self._count_capture(result)
+
+    def _disable(self, reason: str) -> None:
+        with self._lock:
+            self._disabled = reason
+            self._plans.clear()
+            self._queued.clear()
+        self._report()
 
     def _drop(self, key: GraphKey) -> None:
         with self._lock:
@@ -484,6 +703,25 @@ class GraphRunner:
     def _report(self) -> None:
         if self.metrics is not None:
             self.metrics.cuda_graphs.set(len(self._plans))
+
+
+def _fallback_reason(failure: str) -> str:
+    """The fallback label of a remembered failure: its first word before ':'."""
+    head = failure.split(":", 1)[0]
+    return head if head in ("not_capturable", "replay_failed") else "capture_failed"
+
+
+def _holds(key: GraphKey, tuner: TunerKey) -> bool:
+    return any(tuner in group for group in key.groups)
+
+
+def _close_all(plans: Iterable[Plan]) -> None:
+    """Free the plans' graphs (no batch holds them: closing, or never installed)."""
+    for plan in plans:
+        try:
+            plan.close()
+        except Exception:  # freeing must not take the caller down
+            log.exception("closing a plan failed")
 
 
 def _describe(key: GraphKey) -> str:

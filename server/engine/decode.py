@@ -1,9 +1,15 @@
-"""Untrusted image bytes -> an RGB ``PIL.Image``, with every size checked before it costs memory.
+"""Untrusted image bytes -> the backbone's input, with every size checked before it costs memory.
 
 Order matters for decompression bombs: the byte size is checked before parsing, and the
-declared width x height (read from the header by ``Image.open``) before ``load()`` allocates
-the pixel buffer. PIL's own bomb guard (``DecompressionBombError``) is a second line; its
-warning is irrelevant because our limit is checked first.
+declared width x height and aspect ratio (read from the header by ``Image.open``) before
+``load()`` allocates the pixel buffer. PIL's own bomb guard (``DecompressionBombError``) is a
+second line; its warning is irrelevant because our limit is checked first.
+
+After the checks the image goes straight to :func:`restuning.preprocess.crop_pixels`, which
+never allocates with the resized size: memory is the decoded image (at most 4 bytes a declared
+pixel; a JPEG in ``fast`` mode only at its reduced DCT scale), one RGB copy of the crop window
+and the output. The aspect-ratio limit keeps strips (a 100000 x 1 PNG is 376 bytes) out of
+every path, including the GPU decoder that resizes whole images.
 
 EXIF orientation is not applied, on purpose: training reads images the same way
 (``Image.open(...).convert("RGB")``), and the two must see the same pixels.
@@ -13,11 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
+from restuning.preprocess import PreprocessMode, crop_pixels, normalise, to_rgb
+from restuning.presets import DataConfig
 from server.errors import ApiError
+from server.settings import DEFAULT_MAX_ASPECT_RATIO
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 """Formats PIL may try, in this order. Anything else is ``bad_image``."""
@@ -26,12 +37,20 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _ACCEPTED_REPORTED = frozenset(ALLOWED_FORMATS) | {"MPO"}
 
 
-def open_checked(data: bytes, index: int, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def open_checked(
+    data: bytes,
+    index: int,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> Image.Image:
     """Image number ``index`` of a request parsed up to its header, every limit checked.
 
-    Nothing is decoded yet: the byte size is checked before parsing, the format and the
-    declared width x height after it (``image_too_large`` / ``bad_image`` as for
-    :func:`decode_image`). The caller closes the returned image (``with``).
+    Nothing is decoded yet: the byte size is checked before parsing, the format, the
+    declared width x height and the aspect ratio after it (``image_too_large`` /
+    ``bad_image`` / ``image_aspect_ratio`` as for :func:`decode_image`). The caller closes
+    the returned image (``with``).
     """
     if not data:
         raise ApiError("bad_image", f"image {index} is empty (0 bytes)", image=index)
@@ -74,58 +93,107 @@ def open_checked(data: bytes, index: int, *, max_bytes: int, max_pixels: int) ->
                 f"the limit is {max_pixels}",
                 image=index,
             )
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise ApiError(
+                "image_aspect_ratio",
+                f"image {index} is {width}x{height}, an aspect ratio of "
+                f"{max(width, height) / min(width, height):.4g}; the limit is {max_aspect_ratio:g}",
+                image=index,
+            )
     except ApiError:
         img.close()
         raise
     return img
 
 
-def decode_image(data: bytes, index: int, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode image number ``index`` of a request to RGB, or raise an ``ApiError`` naming it.
+@contextmanager
+def _decode_errors(index: int) -> Iterator[None]:
+    """Decoder failures after the header parsed, as the ``ApiError`` naming image ``index``."""
+    try:
+        yield
+    except Image.DecompressionBombError as exc:
+        raise ApiError(
+            "image_too_large", f"image {index} decodes to too many pixels: {exc}", image=index
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        # Truncated files surface here ("image file is truncated"), after the header parsed.
+        raise ApiError(
+            "bad_image", f"image {index} could not be decoded: {exc}", image=index
+        ) from exc
+
+
+def decode_image(
+    data: bytes,
+    index: int,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> Image.Image:
+    """Decode image number ``index`` of a request to a whole RGB image, or raise an
+    ``ApiError`` naming it.
 
     ``image_too_large`` (413) when the bytes exceed ``max_bytes`` or the declared pixels exceed
-    ``max_pixels``; ``bad_image`` (422) for empty, truncated, corrupt or unsupported input.
-    Animated GIFs and multi-page TIFFs give their first frame.
+    ``max_pixels``; ``image_aspect_ratio`` (422) past ``max_aspect_ratio``; ``bad_image``
+    (422) for empty, truncated, corrupt or unsupported input. Animated GIFs and multi-page
+    TIFFs give their first frame. The server's path is :func:`prepare_image`, which never
+    holds the whole image in RGB.
     """
-    with open_checked(data, index, max_bytes=max_bytes, max_pixels=max_pixels) as img:
-        try:
-            img.seek(0)  # first frame of an animation / first page of a TIFF
-            img.load()
-            return _to_rgb(img)
-        except Image.DecompressionBombError as exc:
-            raise ApiError(
-                "image_too_large", f"image {index} decodes to too many pixels: {exc}", image=index
-            ) from exc
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-            # Truncated files surface here ("image file is truncated"), after the header parsed.
-            raise ApiError(
-                "bad_image", f"image {index} could not be decoded: {exc}", image=index
-            ) from exc
+    with (
+        open_checked(
+            data,
+            index,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+        ) as img,
+        _decode_errors(index),
+    ):
+        img.seek(0)  # first frame of an animation / first page of a TIFF
+        img.load()
+        return to_rgb(img)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of a loaded image; 16-bit and float grey levels are scaled, not clipped."""
-    if img.mode.startswith("I") or img.mode == "F":
-        # convert("RGB") would clip values above 255: a 16-bit scan would come out white.
-        grey = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            grey = grey - float(grey.min())
-            top = max(float(grey.max()), 1e-12)
-        else:
-            peak = float(grey.max()) if grey.size else 0.0
-            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
-        scaled = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
-    return img.convert("RGB")
+def prepare_image(
+    data: bytes,
+    index: int,
+    data_config: DataConfig,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    mode: PreprocessMode = "exact",
+) -> torch.Tensor:  # (3, H, W) float32
+    """Image number ``index`` of a request as the backbone's normalised input.
 
-
-def pixel_digest(img: Image.Image) -> str:
-    """sha256 of size, mode and raw pixels: the feature cache key of an image.
-
-    The same pixels sent as PNG or as lossless WebP give the same digest; re-encoding with
-    loss (JPEG) gives different pixels and so a different digest, as it must.
+    The limits and errors of :func:`decode_image`; then the crop is resampled from the
+    image as decoded, without a whole-image RGB copy or a whole-image resize (``fast``: a
+    JPEG decodes at its smallest sufficient DCT scale).
     """
-    h = hashlib.sha256()
-    h.update(f"{img.width}x{img.height}:{img.mode}:".encode())
-    h.update(img.tobytes())
+    with (
+        open_checked(
+            data,
+            index,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+        ) as img,
+        _decode_errors(index),
+    ):
+        img.seek(0)
+        pixels = crop_pixels(img, data_config, mode)  # (H, W, 3) uint8
+    return normalise(torch.from_numpy(pixels), data_config)
+
+
+def input_digest(pixels: torch.Tensor) -> str:
+    """Feature-cache key of one backbone input (3, H, W): sha256 of shape + float32 bytes.
+
+    Features are a function of the input tensor and the backbone (whose fingerprint is the
+    other part of the key), so keying on the input is exact whatever the encoding, and costs
+    a hash of 600 KB at 224 x 224 instead of the full-resolution pixels. The same image sent
+    as bytes or as the preprocessed tensor gets the same key.
+    """
+    h = hashlib.sha256(b"tensor:")
+    h.update(repr(tuple(pixels.shape)).encode())
+    h.update(pixels.to(torch.float32).contiguous().numpy().data)  # hashed in place, no copy
     return h.hexdigest()

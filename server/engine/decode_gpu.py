@@ -6,8 +6,9 @@ torchvision installed and a CUDA device, :class:`GpuImageDecoder` decodes every 
 request in one ``torchvision.io.decode_jpeg(..., device="cuda")`` call and resizes, crops and
 normalises on the device; other formats (and any JPEG nvJPEG refuses) take the PIL path of
 :mod:`server.engine.decode`. The server's limits apply first either way: every image's bytes,
-format and declared pixels are checked from its header (:func:`open_checked`) before
-anything is decoded.
+format, declared pixels and aspect ratio are checked from its header (:func:`open_checked`)
+before anything is decoded; the aspect-ratio limit is what bounds the whole-image resize here
+(at most ``max_aspect_ratio`` x the resized short side squared).
 
 The resize is torch's antialiased bicubic/bilinear, which follows PIL's filters but not to the
 last bit: features differ from the PIL path by rounding (within the bf16 tolerance anyway).
@@ -25,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from restuning.preprocess import _resized_size, preprocess
+from restuning.preprocess import PreprocessMode, resized_size
 from restuning.presets import DataConfig
-from server.engine.decode import decode_image, open_checked, pixel_digest
+from server.engine.decode import input_digest, open_checked, prepare_image
 from server.errors import ApiError
-from server.settings import Settings
+from server.settings import DEFAULT_MAX_ASPECT_RATIO, Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def gpu_decode_available(device: str | torch.device) -> bool:
 
 
 def jpeg_digest(data: bytes) -> str:
-    """Feature-cache key of a JPEG decoded on the GPU (never equal to a pixel digest)."""
+    """Feature-cache key of a JPEG decoded on the GPU (never equal to an input digest)."""
     return hashlib.sha256(b"jpeg-bytes:" + data).hexdigest()
 
 
@@ -61,7 +62,7 @@ def preprocess_on_device(image: torch.Tensor, data_config: DataConfig) -> torch.
     rule), center crop padded with black where the crop leaves the image, ``/255``, mean/std.
     """
     _, height, width = image.shape
-    new_w, new_h = _resized_size(int(width), int(height), data_config)
+    new_w, new_h = resized_size(int(width), int(height), data_config)
     x = image.unsqueeze(0).to(torch.float32)  # (1, 3, h, w)
     if (new_h, new_w) != (height, width):
         x = F.interpolate(
@@ -96,11 +97,16 @@ class GpuImageDecoder:
         *,
         max_bytes: int,
         max_pixels: int,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        host_mode: PreprocessMode = "exact",
     ) -> None:
+        """``host_mode``: the preprocessing of the images PIL decodes (not nvJPEG's)."""
         self.data_config = data_config
         self.device = torch.device(device)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
+        self.host_mode = host_mode
 
     def prepare(self, images: list[bytes]) -> list[Prepared]:
         """(pixels on the device, digest) per image, in order; the first bad image raises its
@@ -108,7 +114,11 @@ class GpuImageDecoder:
         on_gpu: list[int] = []
         for index, data in enumerate(images):
             with open_checked(
-                data, index, max_bytes=self.max_bytes, max_pixels=self.max_pixels
+                data,
+                index,
+                max_bytes=self.max_bytes,
+                max_pixels=self.max_pixels,
+                max_aspect_ratio=self.max_aspect_ratio,
             ) as img:
                 if img.format in GPU_FORMATS and img.mode in GPU_MODES:
                     on_gpu.append(index)
@@ -154,9 +164,16 @@ class GpuImageDecoder:
             return None
 
     def _decode_on_host(self, data: bytes, index: int) -> Prepared:
-        img = decode_image(data, index, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
-        pixels = preprocess(img, self.data_config).to(self.device, non_blocking=True)
-        return pixels, pixel_digest(img)
+        pixels = prepare_image(
+            data,
+            index,
+            self.data_config,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            max_aspect_ratio=self.max_aspect_ratio,
+            mode=self.host_mode,
+        )  # (3, H, W)
+        return pixels.to(self.device, non_blocking=True), input_digest(pixels)
 
 
 def _torchvision_io() -> Any:
@@ -177,4 +194,6 @@ def build_gpu_decoder(settings: Settings, data_config: DataConfig) -> GpuImageDe
         settings.device,
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
+        max_aspect_ratio=settings.max_image_aspect_ratio,
+        host_mode=settings.preprocess,
     )

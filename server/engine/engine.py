@@ -164,6 +164,10 @@ class Engine:
         """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)."""
         self.groups.drop(tuner.key)
 
+    def close(self) -> None:
+        """Free what the engine holds beyond its caches; called once, after the last batch.
+        The eager engine holds nothing to free (the GPU engine frees its graph plans)."""
+
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item; a task that fails gets a per-task error, others answer."""
         if not items:

@@ -11,9 +11,11 @@ a GPU (GPU.md: there the eager path is launch-bound and leaves most of the card 
   captured graphs, padded up to the bucket;
 - one device-to-host copy brings back every task's outputs; answers are built on the host.
 
-Anything a plan cannot run (no plan yet: it is being captured off the request path; a capture
-or replay that failed; the feature cache's partial hits are fine) runs through the eager
-engine, counted in ``restune_cuda_graph_fallbacks_total``, never a failed request.
+Anything a plan cannot run (no plan yet: it is queued and captured on the engine thread before
+the next batch; a capture or replay that failed; the feature cache's partial hits are fine)
+runs through the eager engine, counted in ``restune_cuda_graph_fallbacks_total``, never a
+failed request. Every row of a batch is on one device before anything is stacked: images
+decoded on the GPU and images decoded on the host may share a batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -62,8 +64,9 @@ class GpuEngine(Engine):
 
     ``forward`` computes features on the device without host staging (it is captured):
     ``TorchBackbone.forward_features``. ``build`` replaces the plan factory (the CPU tests
-    inject the eager :class:`~server.engine.cuda_graphs.DensePlan`); ``background=False``
-    builds plans on the calling thread instead of a builder thread.
+    inject the eager :class:`~server.engine.cuda_graphs.DensePlan`). ``background=True``
+    (the server): a batch whose plan is missing runs eagerly and the plan is built before the
+    next batch, on this same thread; ``False`` builds it at once, for the batch that asked.
     """
 
     def __init__(
@@ -100,18 +103,14 @@ class GpuEngine(Engine):
             grouped_kernel,
             capture=self.tuner_device.type == "cuda",
         )
-        self._builder = (
-            ThreadPoolExecutor(1, thread_name_prefix="restune-graphs") if background else None
-        )
         self.graphs = GraphRunner(
-            factory, capacity=graph_cache_size, metrics=metrics, executor=self._builder
+            factory, capacity=graph_cache_size, metrics=metrics, deferred=background
         )
         self._pinned: Tensor | None = None  # flat, reused for every batch's pixels
 
     def close(self) -> None:
-        """Stop the plan builder (captures in progress finish first)."""
-        if self._builder is not None:
-            self._builder.shutdown(wait=True, cancel_futures=True)
+        """Free every plan and build no more (after the last batch: the batcher drained)."""
+        self.graphs.close()
 
     def forget_tuner(self, tuner: LoadedTuner) -> None:
         """``tuner`` was unloaded (and drained): its groups and every plan holding it go."""
@@ -120,8 +119,15 @@ class GpuEngine(Engine):
 
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item, from a graph plan when there is one, else eagerly."""
-        if not items or not self.graphs.enabled:
+        if not items:
             return super().run_batch(items)
+        items = self._one_device(items)
+        if not self.graphs.enabled:
+            self.graphs.note_eager()
+            return super().run_batch(items)
+        # Between batches: plans queued by earlier batches are captured here, on the engine
+        # thread, so no capture ever runs beside a replay.
+        self.graphs.build_pending()
         if len(items) > self.buckets[-1]:
             parts = [
                 self.run_batch(items[start:stop])
@@ -145,6 +151,11 @@ class GpuEngine(Engine):
             return super().run_batch(items)
         try:
             return self._run_plan(plan, items, tasks)
+        except _InputError:
+            # The batch's inputs could not be staged: the plan is healthy, the batch runs
+            # eagerly (where the same fault becomes per-task errors).
+            log.exception("staging the batch for its plan failed; running it eagerly")
+            return super().run_batch(items)
         except Exception:
             # A plan that fails to replay is dropped for good; the batch still answers.
             log.exception("replaying the CUDA graph plan failed; running the batch eagerly")
@@ -188,6 +199,20 @@ class GpuEngine(Engine):
             forwards=forwards,
         )
 
+    def _one_device(self, items: Sequence[BatchItem]) -> Sequence[BatchItem]:
+        """``items`` with every image on one device: when some were decoded on the GPU, the
+        host ones are copied there (a stack of both would fail); else as they are."""
+        devices = {item.pixels.device for item in items}
+        if len(devices) < 2:
+            return items
+        device = next((d for d in devices if d.type != "cpu"), self.tuner_device)
+        return [
+            item
+            if item.pixels.device == device
+            else replace(item, pixels=item.pixels.to(device, non_blocking=True))
+            for item in items
+        ]
+
     def _replay(
         self, plan: Plan, items: Sequence[BatchItem], spec: FeatureSpec
     ) -> tuple[PlanOutput, list[bool], int]:
@@ -197,7 +222,11 @@ class GpuEngine(Engine):
         cached = [self.cache.get(item.digest, fingerprint, spec) for item in items]
         hits = [c is not None for c in cached]
         if not any(hits):
-            out = plan.run_pixels(self._stage([item.pixels for item in items]))
+            try:
+                staged = self._stage([item.pixels for item in items])
+            except Exception as exc:
+                raise _InputError(str(exc)) from exc
+            out = plan.run_pixels(staged)
             if self.cache.enabled and out.features is not None:
                 for j, item in enumerate(items):
                     self.cache.put(item.digest, fingerprint, spec, out.features[:, j])
@@ -230,6 +259,10 @@ class GpuEngine(Engine):
         staged = self._pinned[:needed].view(shape)
         torch.stack(list(pixels), out=staged)
         return staged
+
+
+class _InputError(RuntimeError):
+    """Staging a batch's inputs failed: a fault of the batch, not of its plan."""
 
 
 def build_engine(

@@ -18,8 +18,8 @@ Consistency rules:
   index read yet): ``store_unavailable`` with Retry-After, for the whole request, so a proxy or
   client retries on another replica. A task is never reported unknown because the store could
   not be asked.
-- The watch reconnects within ``reconnect_max_s`` (0.5 s) of the store's return and resyncs the
-  whole index then.
+- The watch reconnects within ``reconnect_max_s`` (0.25 s) of the store's return and resyncs
+  the whole index then.
 - Concurrent uploads of identical bytes to one name share one registration (one validation,
   one load); all but the first answer "unchanged".
 - Unloading a version (delete, eviction, a newer version swapped in) takes it out of the
@@ -926,10 +926,13 @@ class TunerRegistry:
             raise
         self.store_ok = True
         self.index_synced = True
-        for name in [n for n in self._index if n not in snapshot]:
+        gone = [n for n in self._index if n not in snapshot]
+        for name in gone:
             self._forget(name)
+        changed = len(gone)
         for name, info in snapshot.items():
             mine = self._index.get(name)
+            changed += mine != info
             if mine is not None and mine.version == info.version and mine.sha256 != info.sha256:
                 # Same number, other bytes (the store was replaced): drop the old weights.
                 self._unload((name, mine.version))
@@ -943,6 +946,7 @@ class TunerRegistry:
                     self._swap(name, info)
             self._spawn(self._refresh_traffic(name))
         self._report()
+        log.info("tuner index read: %d names, %d changed", len(snapshot), changed)
 
     async def _refresh(self, name: str, version: int | None, change: int) -> None:
         """Load ``name`` v``version`` off the request path, then swap it in if still newest."""

@@ -8,7 +8,6 @@ engine -> one JSON body. Nothing here knows HTTP; failures are :class:`ApiError`
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,9 +15,8 @@ from typing import Any
 
 import torch
 
-from restuning.preprocess import preprocess
 from server.engine.batcher import Completed, MicroBatcher
-from server.engine.decode import decode_image, pixel_digest
+from server.engine.decode import input_digest, prepare_image
 from server.engine.decode_gpu import GpuImageDecoder, build_gpu_decoder
 from server.engine.engine import Answer, BatchItem, Engine, task_error
 from server.engine.feature_cache import FeatureCache
@@ -34,7 +32,7 @@ from tuners_store import TunerStore, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InferenceService", "TaskRef", "TunerDetail", "TunerSummary", "tensor_digest"]
+__all__ = ["InferenceService", "TaskRef", "TunerDetail", "TunerSummary"]
 
 READY_PING_TIMEOUT_S = 2.0
 """How long /readyz waits for the store to answer."""
@@ -150,6 +148,7 @@ class InferenceService:
             return
         self.started = False
         await self.batcher.drain(grace_s=self.settings.request_timeout_s)
+        self.engine.close()  # after the last batch: no plan is replaying
         await self.registry.stop()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -200,7 +199,7 @@ class InferenceService:
         self._check_request(int(pixels.shape[0]), tasks, top_k)
         with LeaseSet(self.registry.leases) as lease:
             plans = await self._resolve(tasks, lease)
-            prepared = [(row.contiguous(), tensor_digest(row)) for row in pixels.detach().cpu()]
+            prepared = [(row.contiguous(), input_digest(row)) for row in pixels.detach().cpu()]
             return await self._run(prepared, tasks, plans, top_k, started, 0.0, lease)
 
     def preprocess_config(self) -> dict[str, Any]:
@@ -288,9 +287,19 @@ class InferenceService:
         return [r for r in results if not isinstance(r, BaseException)]
 
     def _prepare(self, data: bytes, index: int) -> _Prepared:
+        """(pixels (3, H, W), cache key) of one image; the key hashes the pixels the backbone
+        sees, so identical inputs within a batch or across requests share features."""
         s = self.settings
-        img = decode_image(data, index, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-        return preprocess(img, self.backbone.data_config), pixel_digest(img)  # (3, H, W)
+        pixels = prepare_image(
+            data,
+            index,
+            self.backbone.data_config,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            max_aspect_ratio=s.max_image_aspect_ratio,
+            mode=s.preprocess,
+        )  # (3, H, W)
+        return pixels, input_digest(pixels)
 
     async def _run(
         self,
@@ -431,14 +440,3 @@ class InferenceService:
             body["queue_images"] = self.batcher.queued_images
             body["tuners_loaded"] = len(list(self.registry.loaded_tuners()))
         return body
-
-
-def tensor_digest(pixels: torch.Tensor) -> str:
-    """Cache key of a preprocessed image (3, H, W): shape + float32 bytes.
-
-    Prefixed so it can never equal a :func:`pixel_digest` of a decoded image.
-    """
-    h = hashlib.sha256(b"tensor:")
-    h.update(repr(tuple(pixels.shape)).encode())
-    h.update(pixels.to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -39,6 +39,8 @@ from tests.deploy.dashboard_queries import (
     rule_queries,
     selectors,
 )
+from tests.deploy.local_nginx import Nginx
+from tests.fixtures.redis_server import free_port
 
 # Kubernetes minor release the manifests must validate against (the oldest still supported by
 # the major clouds when this was written; autoscaling/v2 and policy/v1 are GA there).
@@ -413,13 +415,58 @@ def test_nginx_upstream_covers_the_replicas() -> None:
         for path, d, args in directives
         if d == "server" and path and path[-1] == f"upstream {upstream}"
     ]
-    # One entry re-resolved through Docker's DNS: every replica of the compose service, however
-    # many `--scale` started.
-    assert [s[0] for s in servers] == [f"restune:{settings_fields()['port']}"]
-    assert "resolve" in servers[0]
+    # One name re-resolved through Docker's DNS: every replica of the compose service, however
+    # many `--scale` started; listed twice, the second time as never-failing backups.
+    address = f"restune:{settings_fields()['port']}"
+    assert [s[0] for s in servers] == [address, address]
+    assert all("resolve" in s for s in servers)
+    primary, backup = servers
+    assert "backup" not in primary
+    assert {"backup", "max_fails=0"} <= set(backup)
     assert compose_config()["services"]["restune"]["deploy"]["replicas"] >= 2
     passes = {args[0] for _, d, args in directives if d == "proxy_pass"}
     assert passes == {f"http://{upstream}"}
+
+
+def test_nginx_accepts_the_config(tmp_path: Path) -> None:
+    """``nginx -t`` on the shipped config (its Docker-only lines made local, see
+    tests/deploy/local_nginx.py): the directives and their combination are valid."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    checked = Nginx(NGINX_CONF, tmp_path, [free_port(), free_port()]).check()
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_gives_a_restarted_replica_traffic_back_within_seconds() -> None:
+    """A replica marked failed while it restarted is skipped for ``fail_timeout``: long enough
+    not to hammer a dead replica, short enough that restarting the next replica right after
+    the first is ready does not leave nginx with none (the backups cover that moment too)."""
+    directives = nginx_directives(NGINX_CONF.read_text())
+    (primary,) = [a for p, d, a in directives if d == "server" and "backup" not in a]
+    params = dict(a.split("=", 1) for a in primary[1:] if "=" in a)
+    assert int(params["max_fails"]) >= 1
+    assert nginx_seconds(params["fail_timeout"]) <= 3
+
+
+def test_nginx_retries_only_what_is_safe_to_retry() -> None:
+    """503 from restune means the replica did nothing (overloaded, store_unavailable,
+    not_ready): any method may be retried on it. After a request was sent, only predictions
+    (pure) are retried; other POSTs are not (``non_idempotent`` only on predict routes)."""
+    directives = nginx_directives(NGINX_CONF.read_text())
+    policies = {tuple(p): a for p, d, a in directives if d == "proxy_next_upstream"}
+    server_level = [a for p, a in policies.items() if p[-1] == "server"]
+    assert len(server_level) == 1
+    assert {"error", "timeout", "http_503"} <= set(server_level[0])
+    assert "non_idempotent" not in server_level[0]
+    retried_posts = {p[-1] for p, a in policies.items() if "non_idempotent" in a}
+    assert retried_posts == {"location = /v1/predict", "location ~ ^/v2/models/.+/infer$"}
+    infer = re.compile("^/v2/models/.+/infer$")
+    assert infer.match("/v2/models/acme/cats/versions/3/infer")
+    assert not infer.match("/v2/repository/models/cats/load")
+    # Three tries: the replica first chosen, then (all primaries marked) a backup entry that can
+    # be the same dead replica, then the other one.
+    (tries,) = [a for p, d, a in directives if d == "proxy_next_upstream_tries"]
+    assert int(tries[0]) >= 3
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
@@ -657,6 +704,9 @@ def test_deployment_probes_security_and_scraping() -> None:
     port = next(p for p in container["ports"] if p["name"] == "http")
     assert port["containerPort"] == settings_fields()["port"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # A new pod is in every endpoint list before an old one goes; never fewer serving pods.
+    assert deployment["spec"]["minReadySeconds"] >= 5
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     startup = container["startupProbe"]
     # The backbone load gets minutes, not the liveness probe's seconds.

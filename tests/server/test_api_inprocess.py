@@ -272,6 +272,27 @@ def test_bad_image_names_the_image(app_client: TestClient, registered: dict[str,
     assert "1" in body["detail"]
 
 
+def test_strips_are_refused_by_aspect_ratio(
+    app_client: TestClient, registered: dict[str, int]
+) -> None:
+    # Real PNGs of a few hundred bytes whose whole-image resize would need gigabytes: 3000 x 1
+    # strips after a good image, and one 100000 x 1.
+    strips = []
+    for size in [(3000, 1)] * (MAX_IMAGES - 1) + [(100_000, 1)]:
+        buffer = io.BytesIO()
+        Image.new("RGB", size).save(buffer, format="PNG")
+        strips.append(buffer.getvalue())
+    resp = app_client.post("/v1/predict", **multipart([jpeg(0), *strips[:-1]], tasks="species"))
+    body = problem(resp, 422, "image_aspect_ratio")
+    assert body["image"] in range(1, MAX_IMAGES)
+    body = problem(
+        app_client.post("/v1/predict", **multipart(strips[-1:], tasks="species")),
+        422,
+        "image_aspect_ratio",
+    )
+    assert (body["image"], "100000x1" in body["detail"]) == (0, True)
+
+
 def test_bad_base64_names_the_image(app_client: TestClient, registered: dict[str, int]) -> None:
     good = base64.b64encode(tiny_images(1)[0]).decode()
     for broken in ("not base64!", good[:-3], good[:10] + "\n" + good[10:]):

@@ -207,3 +207,32 @@ def test_redacted_url() -> None:
     assert redacted("redis://user:secret@h:6379/0") == "redis://user@h:6379/0"
     assert redacted("redis://:secret@h/1") == "redis://h/1"
     assert redacted("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_an_outage_is_one_lost_event_then_a_resync_once_redis_is_back(
+    redis_process: RedisProcess,
+) -> None:
+    """A watcher says ``lost`` once however long Redis is down (it keeps reconnecting by
+    itself), and ``resync`` first thing after it returns."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> float:
+        store = RedisStore(redis_process.url, prefix=prefix)  # the default reconnect backoff
+        events = store.watch()
+        try:
+            assert (await asyncio.wait_for(anext(events), 10)).kind == "resync"
+            redis_process.kill()
+            assert (await asyncio.wait_for(anext(events), 10)).kind == "lost"
+            pending = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(1.5)  # several reconnect attempts, all refused
+            assert not pending.done(), "only one event per outage"
+            redis_process.start()
+            back = asyncio.get_running_loop().time()
+            assert (await asyncio.wait_for(pending, 10)).kind == "resync"
+            return asyncio.get_running_loop().time() - back
+        finally:
+            await events.aclose()
+            await store.close()
+
+    caught_up = asyncio.run(main())
+    print(f"watch resynced {caught_up:.3f} s after Redis answered again")

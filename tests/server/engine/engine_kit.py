@@ -15,7 +15,7 @@ from restuning.artifact_io import load_task
 from restuning.backbone import TorchBackbone
 from restuning.features import Features, FeatureSpec
 from restuning.preprocess import preprocess
-from server.engine.decode import pixel_digest
+from server.engine.decode import input_digest
 from server.engine.engine import BatchItem, BatchOutput
 from server.engine.loaded_tuner import LoadedTuner, module_nbytes
 from server.engine.registry import TunerRegistry
@@ -87,8 +87,8 @@ def loaded_tuner(backbone: TorchBackbone, data: bytes, version: int = 1) -> Load
 
 def pixels_of(index: int, backbone: TorchBackbone, seed: int = 0) -> tuple[torch.Tensor, str]:
     """(pixels (3, H, W), digest) of test photo ``index``, as the service prepares them."""
-    img = tiny_image(index, seed)
-    return preprocess(img, backbone.data_config), pixel_digest(img)
+    pixels = preprocess(tiny_image(index, seed), backbone.data_config)  # (3, H, W)
+    return pixels, input_digest(pixels)
 
 
 class GatedFilesystemStore(FilesystemStore):

@@ -9,9 +9,10 @@ The tests marked for CUDA capture real graphs and skip without a GPU.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +36,7 @@ from server.engine.cuda_graphs import (
     graph_key,
     group_tuners,
 )
-from server.engine.decode import decode_image, pixel_digest
+from server.engine.decode import decode_image, input_digest
 from server.engine.decode_gpu import (
     GpuImageDecoder,
     gpu_decode_available,
@@ -346,6 +347,7 @@ class StubPlan:
         self._tuners = tuners
         self.fail = fail
         self.runs = 0
+        self.closed = False
 
     @property
     def key(self) -> GraphKey:
@@ -363,6 +365,9 @@ class StubPlan:
 
     def run_features(self, data: torch.Tensor) -> PlanOutput:
         return self.run_pixels(data)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class Builds:
@@ -433,8 +438,8 @@ def test_replay_failure_drops_the_plan_and_the_batch_still_answers(
     assert len(gpu.graphs) == 0
     gpu.run_batch(items)  # the key is remembered: no second capture, eager again
     sample = metrics.registry.get_sample_value
-    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "replay_failed"}) == 1
-    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "capture_failed"}) == 1
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "replay_failed"}) == 2
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "capture_failed"}) is None
     assert len(builds.built) == 1
 
 
@@ -489,26 +494,36 @@ def test_a_failed_key_is_retried_after_its_task_changed(tuners: dict[str, Loaded
     assert runner.get(key, groups) is not None
 
 
-def test_plans_are_built_off_the_request_path(
+def test_plans_are_built_between_batches_on_the_engine_thread(
     tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
 ) -> None:
-    """With a builder thread the first batch of a key runs eagerly while its plan is built;
-    the next batches replay it."""
+    """The first batch of a key runs eagerly and queues its plan; the next batch builds it on
+    the engine's own thread before it runs (no capture beside a replay), then replays it."""
     items = _items(tiny_backbone, [(0, [tuners["cls_a"], tuners["cls_b"]])])
     metrics = Metrics()
-    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics, background=True)
-    try:
-        first = gpu.run_batch(items)
-        assert gpu._builder is not None
-        gpu._builder.submit(lambda: None).result(timeout=60)  # the one builder thread is done
-        assert len(gpu.graphs) == 1
-        second = gpu.run_batch(items)
-    finally:
-        gpu.close()
+    threads: list[str] = []
+    factory = PlanFactory(
+        tiny_backbone.forward_features, (3, 32, 32), torch.device("cpu"), torch.float32
+    )
+
+    def build(key: GraphKey, groups: TunerGroups) -> Plan:
+        threads.append(threading.current_thread().name)
+        return factory(key, groups)
+
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics, background=True, build=build)
+    first = gpu.run_batch(items)
+    assert len(gpu.graphs) == 0
+    assert len(gpu.graphs.queued()) == 1
+    second = gpu.run_batch(items)
+    assert len(gpu.graphs) == 1
+    assert threads == [threading.current_thread().name]
     _assert_same_answers([second.items[0].answers], [first.items[0].answers])
     sample = metrics.registry.get_sample_value
     assert sample("restune_cuda_graph_fallbacks_total", {"reason": "building"}) == 1
     assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) == 1
+    gpu.close()
+    assert not gpu.graphs.enabled
+    assert len(gpu.graphs) == 0
 
 
 def test_plan_factory_on_the_cpu_builds_eager_plans(
@@ -535,9 +550,9 @@ def test_cuda_graph_answers_match_cpu_fp32_and_do_not_depend_on_the_batch(
 ) -> None:
     gpu_backbone = load_backbone("vit_test_tiny", "random:0", device="cuda", dtype=torch.bfloat16)
     tuners_cpu = [loaded_tuner(tiny_backbone, artifact(f"t{i}", seed=i)) for i in range(4)]
-    tuners_gpu = [
-        replace(t, module=t.module.to("cuda")) for t in tuners_cpu
-    ]  # same keys, weights on the GPU
+    # Copies on the GPU with the same keys: nn.Module.to moves in place, and the CPU
+    # reference must keep answering on the CPU.
+    tuners_gpu = [replace(t, module=copy.deepcopy(t.module).to("cuda")) for t in tuners_cpu]
     runtime_gpu = RecordingRuntime(gpu_backbone)
     gpu = GpuEngine(
         runtime_gpu,
@@ -567,25 +582,28 @@ def test_cuda_graph_answers_match_cpu_fp32_and_do_not_depend_on_the_batch(
 
 
 @cuda
-def test_thread_pool_capture_runs_beside_eager_work() -> None:
-    """A capture on the builder thread (thread_local mode) beside work on the main thread."""
+def test_a_failed_capture_is_undone_and_the_next_capture_works() -> None:
+    """A capture that raises (a host sync inside it) is ended and reset on the dedicated
+    stream, and a capture after it on the same stream and pool replays correctly."""
+    from server.engine.cuda_graphs import _abort_capture
+
     x = torch.randn(64, 64, device="cuda")
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    pool = torch.cuda.graph_pool_handle()
+    broken = torch.cuda.CUDAGraph()
+    with (
+        pytest.raises(RuntimeError),
+        torch.cuda.graph(broken, pool=pool, stream=stream, capture_error_mode="thread_local"),
+    ):
+        (x @ x).sum().item()
+    _abort_capture([broken], stream, pool)
     graph = torch.cuda.CUDAGraph()
-
-    def capture() -> torch.Tensor:
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        with torch.cuda.stream(side):
-            (x @ x).sum()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            y = x @ x
-        return y
-
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(capture)
-        for _ in range(50):
-            (x + 1).sum().item()
-        y = future.result()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        (x @ x).sum()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        y = x @ x
     graph.replay()
     torch.testing.assert_close(y, x @ x)
 
@@ -632,7 +650,7 @@ def test_gpu_decoder_checks_limits_before_decoding(tiny_backbone: TorchBackbone)
     ((pixels, digest),) = decoder.prepare([png])
     img = decode_image(png, 0, max_bytes=50_000, max_pixels=4900)
     assert torch.equal(pixels, preprocess(img, dc))
-    assert digest == pixel_digest(img)
+    assert digest == input_digest(pixels)
 
 
 def test_gpu_decode_needs_cuda() -> None:
@@ -663,3 +681,166 @@ def test_unloading_a_tuner_drops_its_plans(
     assert len(gpu.graphs) == 2
     gpu.forget_tuner(tuners["cls_a"])  # what the registry's unload listener calls
     assert [k.uses("mean_r") for k in gpu.graphs.keys()] == [True]  # noqa: SIM118
+
+
+# --- unloads, refusals, shutdown, one device per batch -----------------------------------------
+
+
+def test_a_plan_built_after_its_version_was_unloaded_is_dropped(
+    tuners: dict[str, LoadedTuner],
+) -> None:
+    """Queued: the unload removes it from the queue. Being built: it is dropped when done."""
+    a, b = tuners["cls_a"], tuners["cls_b"]
+    metrics = Metrics()
+    runner: GraphRunner
+
+    class UnloadsWhileBuilding(Builds):
+        def __call__(self, key: GraphKey, tuners: TunerGroups) -> Plan:
+            runner.forget(a.key)  # the registry unloads a's version mid-build
+            return super().__call__(key, tuners)
+
+    runner = GraphRunner(UnloadsWhileBuilding(), capacity=4, metrics=metrics, deferred=True)
+    k_ab, g_ab = _key_of(2, a, b)
+    assert runner.get(k_ab, g_ab) is None
+    assert runner.build_pending() == 1
+    assert runner.keys() == []
+    assert runner.get(k_ab, g_ab) is None  # not failed: queued again, as any new key
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_cuda_graph_captures_total", {"result": "dropped"}) == 1
+    assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) is None
+
+    plain = GraphRunner(Builds(), capacity=4, deferred=True)
+    k_b, g_b = _key_of(1, b)
+    plain.get(k_ab, g_ab)
+    plain.get(k_b, g_b)
+    plain.forget(a.key)
+    assert plain.queued() == [k_b]
+    plain.build_pending(limit=4)
+    assert plain.keys() == [k_b]
+
+
+def test_a_body_that_is_not_capturable_runs_eagerly_with_its_reason_counted(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    from server.engine.capture_legality import CaptureIllegalError, Violation
+
+    def refuse(key: GraphKey, groups: TunerGroups) -> Plan:
+        raise CaptureIllegalError([Violation("aten.nonzero.default", "a host sync")])
+
+    items = _items(tiny_backbone, [(0, [tuners["cls_a"]])])
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics, build=refuse)
+    want = Engine(runtime, FeatureCache(0)).run_batch(items)
+    for _ in range(2):
+        out = gpu.run_batch(items)
+        _assert_same_answers([o.answers for o in out.items], [o.answers for o in want.items])
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_cuda_graph_captures_total", {"result": "not_capturable"}) == 1
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "not_capturable"}) == 2
+    (key,) = {graph_key(1, group_tuners([tuners["cls_a"]]))}
+    failure = gpu.graphs.failure(key)
+    assert failure is not None
+    assert "nonzero" in failure
+    assert gpu.graphs.enabled  # other keys still capture
+
+
+def test_a_capture_that_cannot_be_undone_switches_graphs_off(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    from server.engine.cuda_graphs import CaptureCleanupError
+
+    factory = PlanFactory(
+        tiny_backbone.forward_features, (3, 32, 32), torch.device("cpu"), torch.float32
+    )
+    built: list[GraphKey] = []
+    first = tuners["cls_a"]
+
+    def build(key: GraphKey, groups: TunerGroups) -> Plan:
+        if key.uses(first.name):
+            raise CaptureCleanupError("the capture stream is still capturing")
+        built.append(key)
+        return factory(key, groups)
+
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics, build=build)
+    gpu.run_batch(_items(tiny_backbone, [(0, [tuners["cls_b"]])]))
+    assert len(gpu.graphs) == 1
+    items = _items(tiny_backbone, [(0, [first])])
+    out = gpu.run_batch(items)
+    want = Engine(runtime, FeatureCache(0)).run_batch(items)
+    _assert_same_answers([o.answers for o in out.items], [o.answers for o in want.items])
+    assert not gpu.graphs.enabled
+    assert gpu.graphs.disabled_reason == "graphs_disabled"
+    assert len(gpu.graphs) == 0
+    gpu.run_batch(_items(tiny_backbone, [(1, [tuners["cls_b"]])]))  # eager from now on
+    assert len(built) == 1
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "capture_failed"}) == 1
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "graphs_disabled"}) == 1
+
+
+def test_closing_the_engine_frees_its_plans_and_builds_no_more(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    factory = PlanFactory(
+        tiny_backbone.forward_features, (3, 32, 32), torch.device("cpu"), torch.float32
+    )
+    closed: list[GraphKey] = []
+
+    def build(key: GraphKey, groups: TunerGroups) -> Plan:
+        plan = factory(key, groups)
+        setattr(plan, "close", lambda: closed.append(key))  # noqa: B010
+        return plan
+
+    gpu = _gpu_engine(runtime, tiny_backbone, build=build)
+    items = _items(tiny_backbone, [(0, [tuners["cls_a"]])])
+    gpu.run_batch(items)
+    (key,) = gpu.graphs.keys()
+    gpu.close()
+    assert closed == [key]
+    assert len(gpu.graphs) == 0
+    out = gpu.run_batch(items)  # a straggler still answers, eagerly
+    assert "error" not in out.items[0].answers["cls_a"]
+    assert gpu.graphs.queued() == []
+
+
+def test_rows_of_one_batch_end_on_one_device(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    """Images decoded on the device beside host images: the host ones are moved before any
+    stack (``meta`` stands in for the GPU here)."""
+    gpu = _gpu_engine(runtime, tiny_backbone)
+    items = _items(tiny_backbone, [(0, [tuners["cls_a"]]), (1, [tuners["cls_a"]])])
+    mixed = [replace(items[0], pixels=items[0].pixels.to("meta")), items[1]]
+    moved = gpu._one_device(mixed)
+    assert [i.pixels.device.type for i in moved] == ["meta", "meta"]
+    assert torch.stack([i.pixels for i in moved]).device.type == "meta"
+    assert gpu._one_device(items) is items  # one device already: untouched
+
+
+def test_a_batch_that_fails_to_stage_keeps_its_healthy_plan(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    tuners: dict[str, LoadedTuner],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a failed replay discards a plan; a fault of the batch's inputs does not."""
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics)
+    items = _items(tiny_backbone, [(0, [tuners["cls_a"]])])
+    want = gpu.run_batch(items)
+    assert len(gpu.graphs) == 1
+
+    def broken_stage(pixels: Any) -> torch.Tensor:
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(gpu, "_stage", broken_stage)
+    out = gpu.run_batch(items)
+    _assert_same_answers([o.answers for o in out.items], [o.answers for o in want.items])
+    assert len(gpu.graphs) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "restune_cuda_graph_fallbacks_total", {"reason": "replay_failed"}
+        )
+        is None
+    )
