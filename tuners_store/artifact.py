@@ -207,6 +207,11 @@ def _check_nesting(raw: bytes) -> None:
 
 def _sniff_format(data: bytes) -> None:
     """Refuse files that are clearly something else, saying what they look like."""
+    if data[8:9] == b"{":
+        # The shape of a safetensors file. Its first bytes are a little-endian length, so a
+        # header of 640 bytes starts 0x80 0x02, a pickle's PROTO opcode: only a file that is
+        # not safetensors-shaped is named after what else it looks like.
+        return
     if len(data) >= 2 and data[0] == _PICKLE_PROTO and 2 <= data[1] <= 5:
         raise _fail(
             "artifact_bad_format",

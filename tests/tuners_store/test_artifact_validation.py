@@ -34,6 +34,7 @@ from tuners_store.artifact import (
     read_header,
     validate_artifact,
 )
+from tuners_store.artifact import _sniff_format as sniff_format
 from tuners_store.config import tensor_specs
 from tuners_store.errors import StoreError
 
@@ -125,6 +126,19 @@ def test_too_large() -> None:
 def test_pickle_is_refused_with_a_hint() -> None:
     blob = pickle.dumps({"head.weight": [1.0, 2.0]}, protocol=4)
     assert "pickle" in expect("artifact_bad_format", blob).message
+
+
+@pytest.mark.parametrize("header_len", [640, 896, 1152, 1408])
+def test_a_header_length_that_reads_like_a_pickle_opcode_is_still_safetensors(
+    header_len: int,
+) -> None:
+    """A header of 640 bytes starts the file with 0x80 0x02, a pickle's PROTO opcode; such a
+    file is safetensors-shaped (JSON from offset 8) and must not be named a pickle."""
+    header = b'{"__metadata__":{}}'.ljust(header_len)  # safetensors pads headers with spaces
+    data = struct.pack("<Q", header_len) + header
+    assert data[0] == 0x80
+    assert data[1] in range(2, 6)
+    sniff_format(data)  # no error: what the header holds is checked after this
 
 
 def test_zip_is_refused_with_a_hint() -> None:
