@@ -12,8 +12,8 @@ mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 rm -rf .whl && mkdir -p .whl
 PY="${PYTHON:-.venv/bin/python}"
-PURE=(annotated-doc==0.0.7 annotated-types==0.8.0 fastapi==0.165.0 opentelemetry-api==1.45.3 pydantic==2.14.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 python-multipart==0.0.34 redis==8.2.0 starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.55.0)
-COMPILED=(pydantic-core==2.50.5)
+PURE=(annotated-doc==0.0.7 annotated-types==0.8.0 deprecated==1.3.1 fastapi==0.165.0 fastapi-offline==1.7.7 limits==5.8.0 opentelemetry-api==1.45.3 pydantic==2.14.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 python-multipart==0.0.34 redis==8.2.0 starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.55.0)
+COMPILED=(pydantic-core==2.50.5 wrapt==2.5.2)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" -d .whl "${PURE[@]}"
 for version in 3.11 3.12 3.13; do

@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,9 +28,10 @@ def _put_one(root: str, name: str, seed: int) -> None:
     FilesystemStore(root).put_sync(name, make_artifact(seed=seed))
 
 
-def _write_forever(root: str, name: str, size: int) -> None:
+def _write_forever(root: str, name: str, size: int, started: Any) -> None:
     store = FilesystemStore(root)
     rng = random.Random(os.getpid())
+    started.set()
     while True:
         # Distinct bytes every time so each put creates a version (large enough that a kill
         # often lands inside a write).
@@ -79,8 +81,12 @@ def test_sigkilled_writer_never_leaves_torn_state(tmp_path: Path) -> None:
     history: dict[int, str] = {}
     leftovers = 0
     for _ in range(60):
-        writer = FORK.Process(target=_write_forever, args=(str(tmp_path), name, 64 * 1024))
+        started = FORK.Event()
+        writer = FORK.Process(target=_write_forever, args=(str(tmp_path), name, 64 * 1024, started))
         writer.start()
+        # The kill window starts when the writer runs, not when it was forked: on a loaded
+        # machine a fork can wait longer than the whole window before its first instruction.
+        assert started.wait(60)
         deadline = time.monotonic() + rng.uniform(0.0, 0.03)
         while time.monotonic() < deadline:
             # Lock-free readers racing the writer must never see a torn version either.
