@@ -409,8 +409,9 @@ class PlanFactory:
     """False: return the eager :class:`DensePlan` (the CPU, tests, graphs switched off)."""
     pool: _POOL_HANDLE | None = field(default=None)
     stream: torch.cuda.Stream | None = field(default=None)
-    """The capture stream, created on the first capture and kept: never one another thread
-    might be handed by torch's stream pool at the same time (see module doc)."""
+    """The capture stream, created on the first capture and kept for every later one: a
+    high-priority stream, never one of the default-priority pool streams torchvision's nvJPEG
+    decoder draws (see module doc)."""
 
     def __call__(self, key: GraphKey, tuners: TunerGroups) -> Plan:
         body = DensePlan(

@@ -221,6 +221,29 @@ def test_plans_own_every_tuner_tensor_they_read(
         assert stack.head_weight.dtype == torch.bfloat16
 
 
+def test_the_backbones_cached_position_embedding_is_kept_with_the_plan(
+    tiny_backbone: TorchBackbone, artifact: ArtifactFactory
+) -> None:
+    """At a grid other than the native one the backbone reads a resampled position embedding
+    from its cache, which may drop it; the recorder hands it to the plan to keep alive."""
+    backbone = copy.deepcopy(tiny_backbone)  # its own cache
+    tuners = _tuners(tiny_backbone, artifact, "cls")
+    groups = group_tuners(tuners)
+    plan = DensePlan(
+        graph_key(2, groups),
+        groups,
+        backbone.forward_features,
+        input_shape=(3, 48, 48),  # a 6 x 6 grid; the native one is 4 x 4
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    plan.body(plan.zero_pixels())  # warm-up: the resample fills the cache
+    kept = plan.check_capturable().external
+    ((_, resampled),) = backbone.model._pos_cache.values()
+    assert any(t.untyped_storage().data_ptr() == resampled.data_ptr() for t in kept)
+    assert backbone.model.pos_embed.shape[1] < resampled.shape[1]
+
+
 def test_bf16_plans_answer_like_float32_plans(
     tiny_backbone: TorchBackbone, artifact: ArtifactFactory
 ) -> None:
