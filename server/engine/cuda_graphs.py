@@ -409,8 +409,9 @@ class PlanFactory:
     """False: return the eager :class:`DensePlan` (the CPU, tests, graphs switched off)."""
     pool: _POOL_HANDLE | None = field(default=None)
     stream: torch.cuda.Stream | None = field(default=None)
-    """The capture stream, created on the first capture and kept: never one another thread
-    might be handed by torch's stream pool at the same time (see module doc)."""
+    """The capture stream, created on the first capture and kept for every later one: a
+    high-priority stream, never one of the default-priority pool streams torchvision's nvJPEG
+    decoder draws (see module doc)."""
 
     def __call__(self, key: GraphKey, tuners: TunerGroups) -> Plan:
         body = DensePlan(
@@ -526,7 +527,7 @@ class GraphRunner:
                 elif key in self._queued or key in self._building:
                     reason = "building"
                 else:
-                    self._queued[key] = _Queued(tuners, None)
+                    self._enqueue(key, _Queued(tuners, None))
                     reason = "building"
         if plan is not None:
             return plan
@@ -551,6 +552,13 @@ class GraphRunner:
             tried += 1
             self._build(key, queued.tuners, queued.replaces)
         return tried
+
+    def _enqueue(self, key: GraphKey, queued: _Queued) -> None:
+        """Queue a build (under the lock); past ``capacity`` queued keys the oldest is let go:
+        a later batch asking for it queues it again."""
+        self._queued[key] = queued
+        while len(self._queued) > max(1, self.capacity):
+            self._queued.popitem(last=False)
 
     def _dequeue(self, key: GraphKey) -> bool:
         """Claim a queued ``key`` for building now; False when it is gone (cancelled)."""
@@ -613,7 +621,7 @@ class GraphRunner:
             with self._lock:
                 if new_key in self._plans or new_key in self._queued or new_key in self._building:
                     continue
-                self._queued[new_key] = _Queued(new_groups, old_key)
+                self._enqueue(new_key, _Queued(new_groups, old_key))
             if not self.deferred and self._dequeue(new_key):
                 self._build(new_key, new_groups, old_key)
 

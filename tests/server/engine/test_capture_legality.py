@@ -221,6 +221,29 @@ def test_plans_own_every_tuner_tensor_they_read(
         assert stack.head_weight.dtype == torch.bfloat16
 
 
+def test_the_backbones_cached_position_embedding_is_kept_with_the_plan(
+    tiny_backbone: TorchBackbone, artifact: ArtifactFactory
+) -> None:
+    """At a grid other than the native one the backbone reads a resampled position embedding
+    from its cache, which may drop it; the recorder hands it to the plan to keep alive."""
+    backbone = copy.deepcopy(tiny_backbone)  # its own cache
+    tuners = _tuners(tiny_backbone, artifact, "cls")
+    groups = group_tuners(tuners)
+    plan = DensePlan(
+        graph_key(2, groups),
+        groups,
+        backbone.forward_features,
+        input_shape=(3, 48, 48),  # a 6 x 6 grid; the native one is 4 x 4
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    plan.body(plan.zero_pixels())  # warm-up: the resample fills the cache
+    kept = plan.check_capturable().external
+    ((_, resampled),) = backbone.model._pos_cache.values()
+    assert any(t.untyped_storage().data_ptr() == resampled.data_ptr() for t in kept)
+    assert backbone.model.pos_embed.shape[1] < resampled.shape[1]
+
+
 def test_bf16_plans_answer_like_float32_plans(
     tiny_backbone: TorchBackbone, artifact: ArtifactFactory
 ) -> None:
@@ -256,3 +279,43 @@ def test_an_illegal_body_is_refused_before_any_capture(
     )
     with pytest.raises(CaptureIllegalError, match="_local_scalar_dense"):
         plan.check_capturable()
+
+
+# --- on a GPU: the same shapes captured for real ------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("grouped", ["off", "on"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_plan_shape_captures_and_replays_on_cuda(
+    tiny_backbone: TorchBackbone, artifact: ArtifactFactory, shape: str, grouped: str
+) -> None:
+    """Each shape is captured as two graphs on the factory's stream, in bf16, and a replay
+    answers like the eager body of the same plan."""
+    from server.engine.cuda_graphs import CudaGraphPlan, PlanFactory
+
+    tuners = _tuners(tiny_backbone, artifact, shape)
+    backbone = copy.deepcopy(tiny_backbone).to(device="cuda", dtype=torch.bfloat16)
+    on_gpu = [replace(t, module=copy.deepcopy(t.module).to("cuda")) for t in tuners]
+    groups = group_tuners(on_gpu)
+    key = graph_key(4, groups)
+    factory = PlanFactory(
+        backbone.forward_features,
+        (3, 32, 32),
+        torch.device("cuda"),
+        torch.bfloat16,
+        grouped,  # type: ignore[arg-type]
+    )
+    plan = factory(key, groups)
+    assert isinstance(plan, CudaGraphPlan)
+    assert plan.keepalive
+    eager = _plan(tiny_backbone, tuners, "cuda", torch.bfloat16, grouped=grouped)
+    pixels = torch.stack([pixels_of(i, tiny_backbone)[0] for i in range(3)])
+    for _ in range(2):  # the second replay reuses the static buffers
+        got = plan.run_pixels(pixels.pin_memory()).outputs
+    want = eager.run_pixels(pixels.cuda()).outputs
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+    plan.close()

@@ -719,6 +719,14 @@ def test_a_plan_built_after_its_version_was_unloaded_is_dropped(
     assert plain.keys() == [k_b]
 
 
+def test_the_build_queue_is_bounded(tuners: dict[str, LoadedTuner]) -> None:
+    runner = GraphRunner(Builds(), capacity=2, deferred=True)
+    keys = [_key_of(bucket, tuners["cls_a"]) for bucket in (1, 2, 4, 8)]
+    for key, groups in keys:
+        assert runner.get(key, groups) is None
+    assert runner.queued() == [keys[2][0], keys[3][0]]  # the oldest were let go
+
+
 def test_a_body_that_is_not_capturable_runs_eagerly_with_its_reason_counted(
     tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
 ) -> None:
