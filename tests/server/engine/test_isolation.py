@@ -1,0 +1,292 @@
+"""Failure isolation in the engine: a poisoned tuner or image costs only its own answers.
+
+The property: co-batch poisoned and healthy requests, and every healthy answer is BIT FOR BIT
+the answer of the same batch without the poison. "Without the poison" keeps every image in its
+slot (a poisoned task is dropped from the task lists, a bad image is replaced by a healthy one):
+on the CPU a row's rounding depends on its position in the batch's matmuls, never on what the
+other rows hold, so this isolates exactly what the poison could leak.
+
+Poisons are real artifacts where a real artifact can carry the fault: a config that lies about
+the backbone's depth, weights so large the logits overflow (finite, so loading accepts them), and
+pixels so large the backbone's features overflow. Two faults cannot come out of a loaded artifact
+(loading checks every tensor's shape against the config), so they are made by editing a loaded
+module in memory: a head whose width disagrees with the config (the stack and the module raise,
+or the module answers a wrong shape), and a forward that raises.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import hypothesis
+import pytest
+import torch
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
+from torch import nn
+
+from restuning.artifact_io import save_task
+from restuning.backbone import TorchBackbone
+from server.engine.engine import FAILURE_REASONS, BatchItem, Engine
+from server.engine.feature_cache import FeatureCache
+from server.engine.loaded_tuner import LoadedTuner
+from server.metrics import Metrics
+from tests.fixtures.tuners import FakeBackboneRef, make_artifact, make_config, make_task
+from tests.server.engine.conftest import ArtifactFactory
+from tests.server.engine.engine_kit import RecordingRuntime, loaded_tuner, pixels_of
+
+HEALTHY = ("cls_a", "cls_b", "cls_c", "mean_r", "emb")
+POISONS = ("liar", "overflow", "wide_head", "raises", "bad_image")
+EXPECTED_CODE = {
+    "liar": "backbone_mismatch",
+    "overflow": "non_finite_output",
+    "wide_head": "bad_output_shape",
+    "raises": "task_failed",
+    "bad_image": "non_finite_features",
+}
+ABSURD_PIXEL_SCALE = 1e30
+"""Finite pixels whose backbone features overflow (the tiny ViT overflows from ~1e20)."""
+
+
+def overflow_artifact(backbone: TorchBackbone) -> bytes:
+    """A real artifact whose outputs overflow to NaN: finite bypass weights 1e30 times too
+    large (two matmuls in a row pass float32's 3.4e38)."""
+    module = make_task(make_config("overflow", backbone, layers=(1, 2)), backbone.final_norm, 7)
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            if name.startswith("bypass."):
+                tensor.mul_(1e30)
+    return save_task(module)
+
+
+def liar_artifact(backbone: TorchBackbone) -> bytes:
+    """A real artifact whose config claims 20 blocks of this backbone (fingerprint copied)."""
+    lie = FakeBackboneRef(backbone.dim, 20, backbone.arch, backbone.fingerprint)
+    module = make_task(make_config("liar", lie), backbone.final_norm, 8)
+    return save_task(module)
+
+
+@pytest.fixture(scope="module")
+def tuners(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
+    """Healthy tasks (cls_a/b/c stack together) and every poisoned tuner, by name."""
+
+    def art(name: str, seed: int, **kw: Any) -> bytes:
+        cfg = make_config(name, tiny_backbone, **kw)
+        return make_artifact(cfg, tiny_backbone.final_norm, seed=seed)
+
+    b = tiny_backbone
+    out = {
+        "cls_a": loaded_tuner(b, art("cls_a", 1, layers=(1, 2))),
+        "cls_b": loaded_tuner(b, art("cls_b", 2, layers=(1, 2))),
+        "cls_c": loaded_tuner(b, art("cls_c", 3, layers=(1, 2))),
+        "mean_r": loaded_tuner(
+            b, art("mean_r", 4, task="regression", pooling="mean", layers=(2, 2))
+        ),
+        "emb": loaded_tuner(b, art("emb", 5, task="embedding", tuner="res_prefix")),
+        "liar": loaded_tuner(b, liar_artifact(b)),
+        "overflow": loaded_tuner(b, overflow_artifact(b)),
+    }
+    # In memory only: loading refuses a head that disagrees with the config.
+    wide = loaded_tuner(b, art("wide_head", 9, layers=(1, 2)))
+    classes = wide.config.num_outputs
+    wide.module.head = nn.Linear(b.dim, classes + 2)
+    out["wide_head"] = wide
+    raises = loaded_tuner(b, art("raises", 10, layers=(1, 2)))
+    raises.module.forward = _explode  # type: ignore[method-assign]
+    raises.module.head.weight = nn.Parameter(torch.zeros(1))  # stacking it fails too
+    out["raises"] = raises
+    return out
+
+
+def _explode(*_: object, **__: object) -> torch.Tensor:
+    raise RuntimeError("kernel exploded")
+
+
+@dataclass(frozen=True)
+class Request:
+    image: int
+    tasks: tuple[str, ...]
+    top_k: int
+
+
+@st.composite
+def poisoned_batches(draw: st.DrawFn) -> tuple[list[Request], str, int]:
+    """A batch of 1-6 images asking for healthy tasks, some also for the poisoned task, and
+    the poison; for ``bad_image`` the slot of the bad image."""
+    poison = draw(st.sampled_from(POISONS))
+    n = draw(st.integers(1, 6))
+    requests = []
+    for _ in range(n):
+        tasks = draw(st.lists(st.sampled_from(HEALTHY), min_size=1, max_size=4, unique=True))
+        if poison != "bad_image" and draw(st.booleans()):
+            tasks.insert(draw(st.integers(0, len(tasks))), poison)
+        requests.append(Request(draw(st.integers(0, 5)), tuple(tasks), draw(st.integers(1, 3))))
+    if poison != "bad_image" and not any(poison in r.tasks for r in requests):
+        first = requests[0]
+        requests[0] = Request(first.image, (*first.tasks, poison), first.top_k)
+    return requests, poison, draw(st.integers(0, n - 1))
+
+
+_PIXELS: dict[int, tuple[torch.Tensor, str]] = {}
+
+
+def photo(index: int, backbone: TorchBackbone) -> tuple[torch.Tensor, str]:
+    """(pixels (3, H, W), digest) of test photo ``index``, prepared once per session."""
+    if index not in _PIXELS:
+        _PIXELS[index] = pixels_of(index, backbone)
+    return _PIXELS[index]
+
+
+def batch_items(
+    backbone: TorchBackbone,
+    tuners: dict[str, LoadedTuner],
+    requests: list[Request],
+    *,
+    drop: str | None = None,
+    bad_slot: int | None = None,
+    healthy_slot: int | None = None,
+) -> list[BatchItem]:
+    """The batch of ``requests``; ``drop`` leaves that task out, ``bad_slot`` makes that image
+    absurd, ``healthy_slot`` puts another healthy image there (the control of a bad image)."""
+    items = []
+    for slot, request in enumerate(requests):
+        pixels, digest = photo(request.image, backbone)
+        if slot == bad_slot:
+            pixels, digest = pixels * ABSURD_PIXEL_SCALE, f"absurd-{digest}"
+        elif slot == healthy_slot:
+            pixels, digest = photo(7, backbone)
+        chosen = tuple(tuners[name] for name in request.tasks if name != drop)
+        items.append(BatchItem(pixels, digest, chosen, request.top_k))
+    return items
+
+
+EXAMPLES = int(os.environ.get("RESTUNE_FUZZ_EXAMPLES", "12"))
+"""Generated batches per run: a few seconds at 12 (``make fuzz`` raises it)."""
+
+SETTINGS = hypothesis.settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)
+
+
+@SETTINGS
+@given(case=poisoned_batches())
+def test_healthy_answers_are_bit_for_bit_those_of_the_batch_without_the_poison(
+    case: tuple[list[Request], str, int],
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    tuners: dict[str, LoadedTuner],
+) -> None:
+    requests, poison, slot = case
+    bad_slot = slot if poison == "bad_image" else None
+    poisoned = batch_items(tiny_backbone, tuners, requests, bad_slot=bad_slot)
+    control = batch_items(tiny_backbone, tuners, requests, drop=poison, healthy_slot=bad_slot)
+    metrics = Metrics()
+    engine = Engine(runtime, FeatureCache(1 << 20), metrics)
+    clean = Engine(runtime, FeatureCache(0)).run_batch(control).items
+    # Twice: the first batch finds the culprit, the second runs it quarantined (and from
+    # the feature cache).
+    for _ in range(2):
+        out = engine.run_batch(poisoned).items
+        for slot_, (request, got, want) in enumerate(zip(requests, out, clean, strict=True)):
+            assert set(got.answers) == set(request.tasks)
+            for name in request.tasks:
+                answer = got.answers[name]
+                if slot_ == bad_slot:
+                    assert answer["error"]["code"] == "non_finite_features", answer
+                elif name == poison:
+                    assert answer["error"]["code"] == EXPECTED_CODE[poison], answer
+                else:
+                    assert answer == want.answers[name], (name, poison)
+    failures = {
+        reason: metrics.registry.get_sample_value(
+            "restune_task_failures_total", {"task": poison, "reason": reason}
+        )
+        for reason in FAILURE_REASONS
+    }
+    if poison != "bad_image":
+        asked = sum(poison in r.tasks for r in requests)
+        assert failures[EXPECTED_CODE[poison]] == 2 * asked
+
+
+def test_a_culprit_is_quarantined_and_healthy_tasks_stack_without_it(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    t = tuners
+    engine = Engine(runtime, FeatureCache(0))
+    requests = [Request(0, ("cls_a", "raises", "cls_b", "cls_c"), 2)]
+    engine.run_batch(batch_items(tiny_backbone, tuners, requests))
+    assert engine.quarantined(t["raises"].key)
+    assert not engine.quarantined(t["cls_a"].key)
+    builds = engine.groups.builds
+    for image in range(1, 4):
+        again = batch_items(tiny_backbone, tuners, [Request(image, requests[0].tasks, 2)])
+        answers = engine.run_batch(again).items[0].answers
+        assert answers["raises"]["error"]["code"] == "task_failed"
+        assert "kernel exploded" in answers["raises"]["error"]["detail"]
+    # The healthy stack is reused, never retried with the culprit; the culprit's solo group
+    # is the one new build.
+    assert engine.groups.builds == builds + 1
+    engine.forget_tuner(t["raises"])
+    assert not engine.quarantined(t["raises"].key)
+
+
+def test_a_nan_in_one_row_costs_only_that_image(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    artifact: ArtifactFactory,
+) -> None:
+    # A fault that depends on the input (made in memory: which row overflows is not under a
+    # test's control): the task answers for the rows that stayed finite.
+    half = loaded_tuner(tiny_backbone, artifact("half", seed=3, layers=(1, 2)))
+    original = half.module.forward
+
+    def nan_on_first(features: Any) -> torch.Tensor:
+        out = original(features)  # (n, C)
+        out[0, 0] = float("nan")
+        return out
+
+    half.module.forward = nan_on_first  # type: ignore[method-assign]
+    items = [BatchItem(*pixels_of(i, tiny_backbone), (half,), 1) for i in range(3)]
+    engine = Engine(runtime, FeatureCache(0))
+    out = engine.run_batch(items).items
+    assert out[0].answers["half"]["error"]["code"] == "non_finite_output"
+    for got in out[1:]:
+        assert "labels" in got.answers["half"]
+
+
+def test_non_finite_features_are_not_cached(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    cache = FeatureCache(1 << 20)
+    engine = Engine(runtime, cache)
+    requests = [Request(0, ("cls_a",), 1), Request(1, ("cls_a",), 1)]
+    items = batch_items(tiny_backbone, tuners, requests, bad_slot=0)
+    first = engine.run_batch(items)
+    assert first.items[0].answers["cls_a"]["error"]["code"] == "non_finite_features"
+    again = engine.run_batch(items)
+    assert [o.cache_hit for o in again.items] == [False, True]
+    assert again.items[0].answers["cls_a"]["error"]["code"] == "non_finite_features"
+
+
+def test_each_failure_is_logged_once_per_version_and_reason(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    tuners: dict[str, LoadedTuner],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = Engine(runtime, FeatureCache(0), Metrics())
+    requests = [Request(i, ("cls_a", "liar", "overflow"), 1) for i in range(3)]
+    with caplog.at_level("WARNING", logger="server.engine.engine"):
+        for _ in range(3):
+            engine.run_batch(batch_items(tiny_backbone, tuners, requests))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert any("liar v1 failed (backbone_mismatch)" in w for w in warnings)
+    assert any("overflow v1 failed (non_finite_output)" in w for w in warnings)
