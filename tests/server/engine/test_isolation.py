@@ -16,7 +16,13 @@ or the module answers a wrong shape), and a forward that raises.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +33,26 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from torch import nn
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Starlette nudges towards httpx2
+    from fastapi.testclient import TestClient
+
 from restuning.artifact_io import save_task
 from restuning.backbone import TorchBackbone
+from server.app import create_app
+from server.engine.batcher import MicroBatcher
 from server.engine.engine import FAILURE_REASONS, BatchItem, Engine
 from server.engine.feature_cache import FeatureCache
 from server.engine.loaded_tuner import LoadedTuner
+from server.errors import ApiError
 from server.metrics import Metrics
+from server.settings import Settings
+from server.tenancy import token_sha256
+from tests.fixtures.models import tiny_images
 from tests.fixtures.tuners import FakeBackboneRef, make_artifact, make_config, make_task
 from tests.server.engine.conftest import ArtifactFactory
-from tests.server.engine.engine_kit import RecordingRuntime, loaded_tuner, pixels_of
+from tests.server.engine.engine_kit import Gate, RecordingRuntime, loaded_tuner, pixels_of
+from tuners_store.filesystem import FilesystemStore
 
 HEALTHY = ("cls_a", "cls_b", "cls_c", "mean_r", "emb")
 POISONS = ("liar", "overflow", "wide_head", "raises", "bad_image")
@@ -290,3 +307,182 @@ def test_each_failure_is_logged_once_per_version_and_reason(
     assert len(warnings) == 2, warnings
     assert any("liar v1 failed (backbone_mismatch)" in w for w in warnings)
     assert any("overflow v1 failed (non_finite_output)" in w for w in warnings)
+
+
+def test_a_deadline_expiring_mid_batch_costs_only_its_own_request(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    engine = Engine(runtime, FeatureCache(0))
+    gate = Gate(engine.run_batch)
+    hurried = batch_items(tiny_backbone, tuners, [Request(0, ("cls_a",), 1)])
+    patient = batch_items(tiny_backbone, tuners, [Request(1, ("cls_a", "emb"), 2)])
+
+    async def main() -> None:
+        batcher = MicroBatcher(gate, max_batch_images=8, max_wait_ms=100.0, max_queue_images=16)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        short = asyncio.ensure_future(batcher.submit(hurried, deadline=loop.time() + 2.0))
+        long = asyncio.ensure_future(batcher.submit(patient, deadline=loop.time() + 60.0))
+        await asyncio.to_thread(gate.entered.wait, 30)
+        with pytest.raises(ApiError) as err:
+            await short  # its deadline passes while the shared batch is held
+        assert (err.value.code, err.value.status) == ("deadline_exceeded", 504)
+        gate.open.set()
+        answered = await long
+        assert gate.sizes == [2]  # both were in the one batch
+        want = engine.run_batch(
+            batch_items(
+                tiny_backbone, tuners, [Request(0, ("cls_a",), 1), Request(1, ("cls_a", "emb"), 2)]
+            )
+        )
+        assert answered[0].output.answers == want.items[1].answers
+        await batcher.drain()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- through the real app
+
+TENANT_TOKENS = {"acme": "acme-reader-token", "bolt": "bolt-reader-token"}
+HEALTHY_SETS = {"acme": "acme/pets,acme/ages", "bolt": "bolt/pets,bolt/toys"}
+POISONED_SETS = {"acme": "acme/pets,acme/liar,acme/ages", "bolt": "bolt/overflow,bolt/toys"}
+POISONED_TASKS = {"acme/liar", "bolt/overflow"}
+ROUNDS = 6
+"""Each round sends every healthy and every poisoned request of both tenants at once."""
+
+
+@pytest.fixture(scope="module")
+def tenant_app(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: TorchBackbone
+) -> Iterator[TestClient]:
+    """The real app with tenants acme and bolt; every tuner is written straight into the
+    file store (as another replica or an older server would), so the poisoned ones never
+    met admission: acme/liar claims 20 blocks, bolt/overflow's weights overflow to NaN."""
+    root = tmp_path_factory.mktemp("isolation")
+    store = FilesystemStore(root / "store", fsync=False)
+    b = tiny_backbone
+    healthy = {
+        "acme/pets": make_config("pets", b),
+        "acme/ages": make_config("ages", b, task="regression"),
+        "bolt/pets": make_config("pets", b),
+        "bolt/toys": make_config("toys", b, layers=(1, 2)),
+    }
+    for seed, (name, config) in enumerate(healthy.items()):
+        store.put_sync(name, make_artifact(config, b.final_norm, seed=seed))
+    store.put_sync("acme/liar", liar_artifact(b))
+    store.put_sync("bolt/overflow", overflow_artifact(b))
+    tokens = root / "tokens.json"
+    entries = [
+        {"sha256": token_sha256(token), "scope": "reader", "tenant": tenant}
+        for tenant, token in TENANT_TOKENS.items()
+    ]
+    tokens.write_text(json.dumps({"tokens": entries}))
+    settings = Settings(
+        backbone="vit_test_tiny",
+        backbone_weights="random:0",
+        store=f"file://{root / 'store'}",
+        home=str(root / "home"),
+        tenants_enabled=True,
+        tokens_file=str(tokens),
+        max_batch_images=8,
+        max_wait_ms=20.0,
+        request_timeout_s=60.0,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_a_poisoned_tuner_fails_no_healthy_request_of_any_tenant(
+    tenant_app: TestClient,
+) -> None:
+    images = tiny_images(3, seed=4)
+
+    def predict(tenant: str, tasks: str, image: int) -> tuple[str, int, dict[str, Any]]:
+        resp = tenant_app.post(
+            "/v1/predict",
+            files=[("image", (f"{image}.png", images[image], "image/png"))],
+            data={"tasks": tasks},
+            headers={"Authorization": f"Bearer {TENANT_TOKENS[tenant]}"},
+        )
+        return tasks, resp.status_code, resp.json()
+
+    calls = [
+        (tenant, sets[tenant], (r + i) % len(images))
+        for r in range(ROUNDS)
+        for i, tenant in enumerate(TENANT_TOKENS)
+        for sets in (HEALTHY_SETS, POISONED_SETS)
+    ]
+    with ThreadPoolExecutor(len(calls) // ROUNDS) as pool:
+        results = list(pool.map(lambda call: predict(*call), calls))
+
+    healthy_failures = []
+    for tasks, status, body in results:
+        if status != 200:
+            healthy_failures.append((tasks, status, body))
+            continue
+        for name, answer in body["results"][0]["tasks"].items():
+            if name in POISONED_TASKS:
+                # Loading refuses it (a stricter replica) or the engine does: either way an
+                # error object of its own, never a number.
+                assert "error" in answer, answer
+                assert answer["error"]["code"] in {"backbone_mismatch", "non_finite_output"} | {
+                    "tuner_load_failed",
+                    "invalid_artifact",
+                }, answer
+            elif "error" in answer:
+                healthy_failures.append((tasks, status, answer))
+    assert healthy_failures == []
+
+    metrics = tenant_app.get("/metrics").text
+    batched = _sample(metrics, "restune_batch_size_images_sum")
+    assert batched > _sample(metrics, "restune_batch_size_images_count")  # requests shared
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_oip_answers_a_poisoned_model_or_image_with_an_error_never_nan(
+    tenant_app: TestClient, tiny_backbone: TorchBackbone
+) -> None:
+    pixels, _ = photo(0, tiny_backbone)  # (3, H, W)
+
+    def infer(tenant: str, model: str, scale: float) -> tuple[int, dict[str, Any]]:
+        rows = (pixels * scale).reshape(-1).tolist()
+        body = {
+            "inputs": [
+                {"name": "pixels", "datatype": "FP32", "shape": [1, *pixels.shape], "data": rows}
+            ]
+        }
+        resp = tenant_app.post(
+            f"/v2/models/{model}/infer",
+            json=body,
+            headers={"Authorization": f"Bearer {TENANT_TOKENS[tenant]}"},
+        )
+        return resp.status_code, resp.json()
+
+    calls = [
+        ("bolt", "bolt/toys", 1.0),
+        ("bolt", "bolt/toys", ABSURD_PIXEL_SCALE),  # finite, so the edge lets it through
+        ("bolt", "bolt/overflow", 1.0),
+        ("acme", "acme/pets", 1.0),
+    ] * 3
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda call: infer(*call), calls))
+    for (_, model, scale), (status, body) in zip(calls, results, strict=True):
+        if model == "bolt/overflow":
+            assert status == 500, body  # the server's tuner is broken: not 200 with NaN
+            assert "NaN or Inf" in body["error"]
+        elif scale != 1.0:
+            assert status == 422, body
+            assert "non-finite backbone features" in body["error"]
+        else:
+            assert status == 200, body
+            assert all(math.isfinite(v) for out in body["outputs"] for v in _numbers(out["data"]))
+
+
+def _numbers(data: list[Any]) -> list[float]:
+    return [float(v) for v in data if isinstance(v, int | float)]
