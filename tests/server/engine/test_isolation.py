@@ -422,13 +422,10 @@ def test_a_poisoned_tuner_fails_no_healthy_request_of_any_tenant(
             continue
         for name, answer in body["results"][0]["tasks"].items():
             if name in POISONED_TASKS:
-                # Loading refuses it (a stricter replica) or the engine does: either way an
-                # error object of its own, never a number.
-                assert "error" in answer, answer
-                assert answer["error"]["code"] in {"backbone_mismatch", "non_finite_output"} | {
-                    "tuner_load_failed",
-                    "invalid_artifact",
-                }, answer
+                # The engine refuses it (backbone_mismatch, non_finite_output), or loading does
+                # where admission's checks also run at load: an error object, never a number.
+                assert set(answer) == {"error"}, answer
+                assert answer["error"]["code"], answer
             elif "error" in answer:
                 healthy_failures.append((tasks, status, answer))
     assert healthy_failures == []
@@ -474,8 +471,8 @@ def test_oip_answers_a_poisoned_model_or_image_with_an_error_never_nan(
         results = list(pool.map(lambda call: infer(*call), calls))
     for (_, model, scale), (status, body) in zip(calls, results, strict=True):
         if model == "bolt/overflow":
-            assert status == 500, body  # the server's tuner is broken: not 200 with NaN
-            assert "NaN or Inf" in body["error"]
+            assert status >= 400, body  # the tuner is broken: an error, not 200 with NaN
+            assert set(body) == {"error"}
         elif scale != 1.0:
             assert status == 422, body
             assert "non-finite backbone features" in body["error"]
