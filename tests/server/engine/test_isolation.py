@@ -129,21 +129,25 @@ class Request:
 
 
 @st.composite
-def poisoned_batches(draw: st.DrawFn) -> tuple[list[Request], str, int]:
-    """A batch of 1-6 images asking for healthy tasks, some also for the poisoned task, and
-    the poison; for ``bad_image`` the slot of the bad image."""
-    poison = draw(st.sampled_from(POISONS))
+def poisoned_batches(draw: st.DrawFn) -> tuple[list[Request], frozenset[str], int | None]:
+    """A batch of 1-6 images asking for healthy tasks, some also for poisoned tasks; the
+    poisons (one to three at once); the slot of the bad image when ``bad_image`` is one."""
+    poisons = frozenset(draw(st.lists(st.sampled_from(POISONS), min_size=1, max_size=3)))
+    tasks_poisons = sorted(poisons - {"bad_image"})
     n = draw(st.integers(1, 6))
     requests = []
     for _ in range(n):
         tasks = draw(st.lists(st.sampled_from(HEALTHY), min_size=1, max_size=4, unique=True))
-        if poison != "bad_image" and draw(st.booleans()):
-            tasks.insert(draw(st.integers(0, len(tasks))), poison)
+        for poison in tasks_poisons:
+            if draw(st.booleans()):
+                tasks.insert(draw(st.integers(0, len(tasks))), poison)
         requests.append(Request(draw(st.integers(0, 5)), tuple(tasks), draw(st.integers(1, 3))))
-    if poison != "bad_image" and not any(poison in r.tasks for r in requests):
-        first = requests[0]
-        requests[0] = Request(first.image, (*first.tasks, poison), first.top_k)
-    return requests, poison, draw(st.integers(0, n - 1))
+    for poison in tasks_poisons:
+        if not any(poison in r.tasks for r in requests):
+            first = requests[0]
+            requests[0] = Request(first.image, (*first.tasks, poison), first.top_k)
+    bad_slot = draw(st.integers(0, n - 1)) if "bad_image" in poisons else None
+    return requests, poisons, bad_slot
 
 
 _PIXELS: dict[int, tuple[torch.Tensor, str]] = {}
@@ -161,11 +165,11 @@ def batch_items(
     tuners: dict[str, LoadedTuner],
     requests: list[Request],
     *,
-    drop: str | None = None,
+    drop: frozenset[str] = frozenset(),
     bad_slot: int | None = None,
     healthy_slot: int | None = None,
 ) -> list[BatchItem]:
-    """The batch of ``requests``; ``drop`` leaves that task out, ``bad_slot`` makes that image
+    """The batch of ``requests``; ``drop`` leaves those tasks out, ``bad_slot`` makes that image
     absurd, ``healthy_slot`` puts another healthy image there (the control of a bad image)."""
     items = []
     for slot, request in enumerate(requests):
@@ -174,7 +178,7 @@ def batch_items(
             pixels, digest = pixels * ABSURD_PIXEL_SCALE, f"absurd-{digest}"
         elif slot == healthy_slot:
             pixels, digest = photo(7, backbone)
-        chosen = tuple(tuners[name] for name in request.tasks if name != drop)
+        chosen = tuple(tuners[name] for name in request.tasks if name not in drop)
         items.append(BatchItem(pixels, digest, chosen, request.top_k))
     return items
 
@@ -195,41 +199,52 @@ SETTINGS = hypothesis.settings(
 @SETTINGS
 @given(case=poisoned_batches())
 def test_healthy_answers_are_bit_for_bit_those_of_the_batch_without_the_poison(
-    case: tuple[list[Request], str, int],
+    case: tuple[list[Request], frozenset[str], int | None],
     tiny_backbone: TorchBackbone,
     runtime: RecordingRuntime,
     tuners: dict[str, LoadedTuner],
 ) -> None:
-    requests, poison, slot = case
-    bad_slot = slot if poison == "bad_image" else None
+    requests, poisons, bad_slot = case
     poisoned = batch_items(tiny_backbone, tuners, requests, bad_slot=bad_slot)
-    control = batch_items(tiny_backbone, tuners, requests, drop=poison, healthy_slot=bad_slot)
+    control = batch_items(tiny_backbone, tuners, requests, drop=poisons, healthy_slot=bad_slot)
     metrics = Metrics()
     engine = Engine(runtime, FeatureCache(1 << 20), metrics)
     clean = Engine(runtime, FeatureCache(0)).run_batch(control).items
-    # Twice: the first batch finds the culprit, the second runs it quarantined (and from
+    # Twice: the first batch finds the culprits, the second runs them quarantined (and from
     # the feature cache).
     for _ in range(2):
         out = engine.run_batch(poisoned).items
-        for slot_, (request, got, want) in enumerate(zip(requests, out, clean, strict=True)):
+        for slot, (request, got, want) in enumerate(zip(requests, out, clean, strict=True)):
             assert set(got.answers) == set(request.tasks)
             for name in request.tasks:
                 answer = got.answers[name]
-                if slot_ == bad_slot:
+                if name == "liar":  # refused before the forward, whatever the image
+                    assert answer["error"]["code"] == "backbone_mismatch", answer
+                elif slot == bad_slot:
                     assert answer["error"]["code"] == "non_finite_features", answer
-                elif name == poison:
-                    assert answer["error"]["code"] == EXPECTED_CODE[poison], answer
+                elif name in poisons:
+                    assert answer["error"]["code"] == EXPECTED_CODE[name], answer
                 else:
-                    assert answer == want.answers[name], (name, poison)
-    failures = {
-        reason: metrics.registry.get_sample_value(
-            "restune_task_failures_total", {"task": poison, "reason": reason}
+                    assert answer == want.answers[name], (name, poisons)
+    assert set(EXPECTED_CODE.values()) <= set(FAILURE_REASONS)  # the metric's bounded reasons
+    for poison in poisons - {"bad_image"}:
+        counted = metrics.registry.get_sample_value(
+            "restune_task_failures_total", {"task": poison, "reason": EXPECTED_CODE[poison]}
         )
-        for reason in FAILURE_REASONS
-    }
-    if poison != "bad_image":
-        asked = sum(poison in r.tasks for r in requests)
-        assert failures[EXPECTED_CODE[poison]] == 2 * asked
+        asked = sum(
+            poison in r.tasks and (slot != bad_slot or poison == "liar")
+            for slot, r in enumerate(requests)
+        )
+        assert (counted or 0) == 2 * asked, (poison, counted, asked)
+    if bad_slot is not None:
+        counted = sum(
+            metrics.registry.get_sample_value(
+                "restune_task_failures_total", {"task": name, "reason": "non_finite_features"}
+            )
+            or 0
+            for name in {*HEALTHY, *POISONS}
+        )
+        assert counted == 2 * sum(t != "liar" for t in requests[bad_slot].tasks)
 
 
 def test_a_culprit_is_quarantined_and_healthy_tasks_stack_without_it(
@@ -252,6 +267,20 @@ def test_a_culprit_is_quarantined_and_healthy_tasks_stack_without_it(
     assert engine.groups.builds == builds + 1
     engine.forget_tuner(t["raises"])
     assert not engine.quarantined(t["raises"].key)
+
+
+def test_a_culprit_found_alone_never_joins_a_stack(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    t = tuners
+    engine = Engine(runtime, FeatureCache(0))
+    engine.run_batch(batch_items(tiny_backbone, tuners, [Request(0, ("overflow",), 1)]))
+    assert engine.quarantined(t["overflow"].key)  # it ran alone, and failed
+    mixed = [Request(1, ("cls_a", "overflow", "cls_b"), 1)]
+    builds = engine.groups.builds
+    answers = engine.run_batch(batch_items(tiny_backbone, tuners, mixed)).items[0].answers
+    assert answers["overflow"]["error"]["code"] == "non_finite_output"
+    assert engine.groups.builds == builds + 1  # cls_a + cls_b, never a stack with the culprit
 
 
 def test_a_nan_in_one_row_costs_only_that_image(
