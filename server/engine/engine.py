@@ -11,7 +11,7 @@ Runs on the batcher's single worker thread. For a batch it
 An image's answer does not depend on what else is in its batch (up to float rounding):
 every op on the way is per row.
 
-Failures cost only their own answers (DESIGN.md, section 1). A task the backbone cannot serve
+Failures cost only their own answers. A task the backbone cannot serve
 (its config names layers or a width the backbone lacks), a task that raises, returns the wrong
 shape or non-finite numbers, answers a per-task error object with a stable code; an image whose
 features come out non-finite answers an error for that image only. A stacked group with a
@@ -199,7 +199,8 @@ class Engine:
         self._lock = threading.Lock()  # forget_tuner runs on another thread
 
     def forget_tuner(self, tuner: LoadedTuner) -> None:
-        """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)."""
+        """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)
+        and knows of it (its quarantine)."""
         self.groups.drop(tuner.key)
         with self._lock:
             self._quarantine.pop(tuner.key, None)
@@ -215,7 +216,7 @@ class Engine:
             return BatchOutput([], 0.0, 0.0)
         answers: list[dict[str, Answer]] = [{} for _ in items]
         tasks = self._tasks(items)
-        servable = [t for t in tasks.values() if self._servable(t, items, answers)]
+        servable = [t for t in tasks.values() if self._servable(t, answers)]
         if not servable:
             return BatchOutput([ItemOutput(a, False) for a in answers], 0.0, 0.0)
         spec = FeatureSpec.union(t.tuner.module.feature_spec for t in servable)
@@ -256,9 +257,7 @@ class Engine:
                 tasks.setdefault(tuner.key, _Task(tuner)).rows.append(row)
         return tasks
 
-    def _servable(
-        self, task: _Task, items: Sequence[BatchItem], answers: list[dict[str, Answer]]
-    ) -> bool:
+    def _servable(self, task: _Task, answers: list[dict[str, Answer]]) -> bool:
         """Whether the backbone has what ``task`` reads; if not, its rows answer the error.
 
         A config that lies about the backbone (more blocks, another width) would otherwise
