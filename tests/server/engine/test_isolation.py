@@ -8,17 +8,20 @@ share its stack, never on the numbers other rows or tasks hold, so this isolates
 the poison could leak. Against the batch with the bad image removed outright, the answers
 agree up to float rounding.
 
-Poisons are real artifacts where a real artifact can carry the fault: a config that lies about
-the backbone's depth, weights so large the logits overflow (finite, so loading accepts them), and
-pixels so large the backbone's features overflow. Two faults cannot come out of a loaded artifact
-(loading checks every tensor's shape against the config), so they are made by editing a loaded
-module in memory: a head whose width disagrees with the config (the stack and the module raise,
-or the module answers a wrong shape), and a forward that raises.
+Poisons are real where a real artifact can carry the fault: a config that lies about the
+backbone's depth, weights so large the outputs overflow (finite, so loading accepts them), and
+pixels so large the backbone's features overflow. The app-level tests write these artifacts
+straight into the store, past admission; the engine-level ones build the same modules in
+memory, so the engine's defences are tested without any check loading does. Two faults cannot
+come out of an artifact (loading checks every tensor's shape against the config), so they are
+made by editing a loaded module: a head wider than its config (the stack raises, alone it
+answers a wrong shape), and a forward that raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -41,11 +44,12 @@ with warnings.catch_warnings():
 
 from restuning.artifact_io import save_task
 from restuning.backbone import TorchBackbone
+from restuning.tuners import TaskModule
 from server.app import create_app
 from server.engine.batcher import MicroBatcher
 from server.engine.engine import FAILURE_REASONS, BatchItem, Engine
 from server.engine.feature_cache import FeatureCache
-from server.engine.loaded_tuner import LoadedTuner
+from server.engine.loaded_tuner import LoadedTuner, module_nbytes
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.settings import Settings
@@ -75,22 +79,28 @@ ABSURD_PIXEL_SCALE = 1e30
 """Finite pixels whose backbone features overflow (the tiny ViT overflows from ~1e20)."""
 
 
-def overflow_artifact(backbone: TorchBackbone) -> bytes:
-    """A real artifact whose outputs overflow to NaN: finite bypass weights 1e30 times too
-    large (two matmuls in a row pass float32's 3.4e38)."""
+def overflow_task(backbone: TorchBackbone) -> TaskModule:
+    """A task whose outputs overflow to NaN: finite bypass weights 1e30 times too large (two
+    matmuls in a row pass float32's 3.4e38). Loading accepts it: every tensor is finite."""
     module = make_task(make_config("overflow", backbone, layers=(1, 2)), backbone.final_norm, 7)
     with torch.no_grad():
         for name, tensor in module.named_parameters():
             if name.startswith("bypass."):
                 tensor.mul_(1e30)
-    return save_task(module)
+    return module
 
 
-def liar_artifact(backbone: TorchBackbone) -> bytes:
-    """A real artifact whose config claims 20 blocks of this backbone (fingerprint copied)."""
+def liar_task(backbone: TorchBackbone) -> TaskModule:
+    """A task whose config claims 20 blocks of this backbone (fingerprint copied)."""
     lie = FakeBackboneRef(backbone.dim, 20, backbone.arch, backbone.fingerprint)
-    module = make_task(make_config("liar", lie), backbone.final_norm, 8)
-    return save_task(module)
+    return make_task(make_config("liar", lie), backbone.final_norm, 8)
+
+
+def as_loaded(module: TaskModule) -> LoadedTuner:
+    """``module`` as the registry would hold it, built straight from memory: the engine's
+    defences must not rely on checks that loading does (or may come to do)."""
+    digest = hashlib.sha256(save_task(module)).hexdigest()
+    return LoadedTuner(module.config.name, 1, digest, module.config, module, module_nbytes(module))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +120,8 @@ def tuners(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
             b, art("mean_r", 4, task="regression", pooling="mean", layers=(2, 2))
         ),
         "emb": loaded_tuner(b, art("emb", 5, task="embedding", tuner="res_prefix")),
-        "liar": loaded_tuner(b, liar_artifact(b)),
-        "overflow": loaded_tuner(b, overflow_artifact(b)),
+        "liar": as_loaded(liar_task(b)),
+        "overflow": as_loaded(overflow_task(b)),
     }
     # In memory only: loading refuses a head that disagrees with the config.
     wide = loaded_tuner(b, art("wide_head", 9, layers=(1, 2)))
@@ -415,8 +425,8 @@ def tenant_app(
     }
     for seed, (name, config) in enumerate(healthy.items()):
         store.put_sync(name, make_artifact(config, b.final_norm, seed=seed))
-    store.put_sync("acme/liar", liar_artifact(b))
-    store.put_sync("bolt/overflow", overflow_artifact(b))
+    store.put_sync("acme/liar", save_task(liar_task(b)))
+    store.put_sync("bolt/overflow", save_task(overflow_task(b)))
     tokens = root / "tokens.json"
     entries = [
         {"sha256": token_sha256(token), "scope": "reader", "tenant": tenant}
