@@ -7,7 +7,10 @@ new images queue and form the next batch, so under load batches fill without wai
 
 The queue is bounded in images: a request that would overflow it is refused at once with
 ``overloaded`` (503 + Retry-After) instead of growing memory and latency. Images whose
-deadline passed are dropped before compute. ``drain()`` finishes queued work and refuses new.
+deadline passed are dropped before compute; a request whose deadline passes while its batch
+computes answers ``deadline_exceeded`` (504) alone, the batch goes on for the others. Should the
+engine raise on a batch, it runs again one image at a time, so the fault costs only the image
+that causes it. ``drain()`` finishes queued work and refuses new.
 """
 
 from __future__ import annotations
