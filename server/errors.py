@@ -40,6 +40,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "artifact_header_too_large": 413,
     "tuner_load_failed": 500,
     "tuner_unloadable": 409,
+    "non_finite_features": 422,
+    "task_failed": 500,
+    "non_finite_output": 500,
+    "bad_output_shape": 500,
     "internal": 500,
 }
 """HTTP status of every code. Artifact codes not listed (``artifact_*``) map to 422."""

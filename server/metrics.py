@@ -182,6 +182,13 @@ class Metrics:
             ["task", "version"],
             registry=r,
         )
+        self.task_failures = Counter(
+            "restune_task_failures",
+            "Per-image task answers that are errors from running the task, by task (capped, "
+            "rest 'other') and reason (the engine's fixed set of failure codes).",
+            ["task", "reason"],
+            registry=r,
+        )
         self.unload_drain_timeouts = Counter(
             "restune_unload_drain_timeouts",
             "Tuner versions unloaded while requests still held them (the drain bound passed).",

@@ -7,7 +7,10 @@ new images queue and form the next batch, so under load batches fill without wai
 
 The queue is bounded in images: a request that would overflow it is refused at once with
 ``overloaded`` (503 + Retry-After) instead of growing memory and latency. Images whose
-deadline passed are dropped before compute. ``drain()`` finishes queued work and refuses new.
+deadline passed are dropped before compute; a request whose deadline passes while its batch
+computes answers ``deadline_exceeded`` (504) alone, the batch goes on for the others. Should the
+engine raise on a batch, it runs again one image at a time, so the fault costs only the image
+that causes it. ``drain()`` finishes queued work and refuses new.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ class _Pending:
     future: asyncio.Future[Completed]
     enqueued: float
     deadline: float | None
+
+
+def _engine_failed() -> ApiError:
+    return ApiError("internal", "the engine failed on this image")
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One answer or error per image of a batch, and what the batch cost."""
+
+    results: list[ItemOutput | ApiError]
+    backbone_ms: float
+    fanout_ms: float
 
 
 class MicroBatcher:
@@ -246,26 +262,63 @@ class MicroBatcher:
         self._batches += 1
         batch_id = self._batches
         try:
-            output = await loop.run_in_executor(
-                self._executor, self.run_batch, [p.item for p in batch]
-            )
-            if len(output.items) != len(batch):
-                raise RuntimeError(f"engine answered {len(output.items)} of {len(batch)} images")
-        except Exception as exc:
-            log.exception("engine batch of %d images failed", len(batch))
-            error = ApiError("internal", f"the engine failed on this batch: {type(exc).__name__}")
+            output = await loop.run_in_executor(self._executor, self._run_isolated, batch)
+        except Exception:  # the worker itself is gone (shut down): nothing can answer
+            log.exception("the engine worker could not run a batch of %d images", len(batch))
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(error)
+                    p.future.set_exception(_engine_failed())
             return
         finally:
             self._busy = False
         elapsed = loop.time() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (elapsed / len(batch))
         stats = BatchStats(batch_id, len(batch), output.backbone_ms, output.fanout_ms)
-        for p, item_output in zip(batch, output.items, strict=True):
-            if not p.future.done():
-                p.future.set_result(Completed(item_output, (started - p.enqueued) * 1000.0, stats))
+        for p, result in zip(batch, output.results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, ApiError):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(Completed(result, (started - p.enqueued) * 1000.0, stats))
+
+    def _run_isolated(self, batch: list[_Pending]) -> _Outcome:
+        """The engine's answers for ``batch`` (on the worker thread), each image's own.
+
+        The engine turns task and image faults into per-task errors; should it still raise, the
+        batch runs again one image at a time, so the fault costs only the image that causes it
+        (as an ``internal`` error), not every request that shared its batch.
+        """
+        try:
+            return self._checked(batch)
+        except Exception:
+            log.exception("engine batch of %d images failed", len(batch))
+            if len(batch) == 1:
+                return _Outcome([_engine_failed()], 0.0, 0.0)
+        results: list[ItemOutput | ApiError] = []
+        backbone_ms = fanout_ms = 0.0
+        for p in batch:
+            # A read of the loop's future from this thread: at worst one image is computed
+            # for nothing, or answered an error its request no longer waits for.
+            if p.future.done():  # withdrawn meanwhile: not worth computing
+                results.append(_engine_failed())
+                continue
+            try:
+                alone = self._checked([p])
+            except Exception:
+                log.exception("engine failed on one image alone")
+                results.append(_engine_failed())
+                continue
+            results.extend(alone.results)
+            backbone_ms += alone.backbone_ms
+            fanout_ms += alone.fanout_ms
+        return _Outcome(results, backbone_ms, fanout_ms)
+
+    def _checked(self, batch: list[_Pending]) -> _Outcome:
+        output = self.run_batch([p.item for p in batch])
+        if len(output.items) != len(batch):
+            raise RuntimeError(f"engine answered {len(output.items)} of {len(batch)} images")
+        return _Outcome(list(output.items), output.backbone_ms, output.fanout_ms)
 
     def _fail_all(self, error: ApiError) -> None:
         while self._queue:

@@ -10,6 +10,14 @@ Runs on the batcher's single worker thread. For a batch it
 
 An image's answer does not depend on what else is in its batch (up to float rounding):
 every op on the way is per row.
+
+Failures cost only their own answers. A task the backbone cannot serve
+(its config names layers or a width the backbone lacks), a task that raises, returns the wrong
+shape or non-finite numbers, answers a per-task error object with a stable code; an image whose
+features come out non-finite answers an error for that image only. A stacked group with a
+failing member is rerun without it, so the others' answers are bit for bit those of a batch
+without the culprit, and the culprit is quarantined: it runs alone from then on, and healthy
+tasks never pay for its failed attempt again.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -75,6 +83,33 @@ class BatchOutput:
 def task_error(code: str, detail: str) -> Answer:
     """The per-task failure object of the API."""
     return {"error": {"code": code, "detail": detail}}
+
+
+FailureReason = Literal[
+    "task_failed",
+    "non_finite_output",
+    "bad_output_shape",
+    "backbone_mismatch",
+    "non_finite_features",
+]
+"""Codes of the answers a task or an image fails with in the engine (the metric's reasons):
+
+- ``task_failed``: the task raised (running or postprocessing);
+- ``non_finite_output``: the task's output row holds NaN/Inf (finite features in);
+- ``bad_output_shape``: the task returned something other than (rows, num_outputs);
+- ``backbone_mismatch``: the task's config needs layers or a width the backbone lacks;
+- ``non_finite_features``: the image's backbone features hold NaN/Inf (its pixels are absurd).
+"""
+FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
+
+QUARANTINE_SIZE = 1024
+"""Failing tuner versions remembered (LRU): they run alone, outside stacked groups, until
+unloaded. A task whose output overflowed once on some image is among them: running alone
+adds about 5 ms to a batch beside 19 stacked tasks (ViT-S, batch 8, one CPU thread:
+bench/isolation_cost.py), where retrying the stack every batch adds 99 ms."""
+
+DETAIL_CHARS = 300
+"""Longest exception text quoted in a failure's ``detail``."""
 
 
 @dataclass
@@ -159,31 +194,46 @@ class Engine:
         self.metrics = metrics
         self.tuner_device = torch.device(tuner_device)
         self.groups = _GroupCache(group_cache_bytes)
+        self._quarantine: OrderedDict[TunerKey, None] = OrderedDict()
+        self._logged: OrderedDict[tuple[TunerKey, str], None] = OrderedDict()
+        self._lock = threading.Lock()  # forget_tuner runs on another thread
 
     def forget_tuner(self, tuner: LoadedTuner) -> None:
-        """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)."""
+        """``tuner`` was unloaded: drop what the engine built from it (its stacked groups)
+        and knows of it (its quarantine)."""
         self.groups.drop(tuner.key)
+        with self._lock:
+            self._quarantine.pop(tuner.key, None)
+
+    def quarantined(self, key: TunerKey) -> bool:
+        """Whether tuner version ``key`` failed here and so runs alone, outside any stack."""
+        with self._lock:
+            return key in self._quarantine
 
     def close(self) -> None:
         """Free what the engine holds beyond its caches; called once, after the last batch.
         The eager engine holds nothing to free (the GPU engine frees its graph plans)."""
 
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
-        """Answers for every item; a task that fails gets a per-task error, others answer."""
+        """Answers for every item; a failing task or image gets its own error, others answer."""
         if not items:
             return BatchOutput([], 0.0, 0.0)
-        tasks = self._tasks(items)
         answers: list[dict[str, Answer]] = [{} for _ in items]
-        if not tasks:
+        tasks = self._tasks(items)
+        servable = [t for t in tasks.values() if self._servable(t, answers)]
+        if not servable:
             return BatchOutput([ItemOutput(a, False) for a in answers], 0.0, 0.0)
-        spec = FeatureSpec.union(t.tuner.module.feature_spec for t in tasks.values())
+        spec = FeatureSpec.union(t.tuner.module.feature_spec for t in servable)
 
         started = time.perf_counter()
-        features, hits, forwards = self._features(items, spec)
+        features, hits, forwards, finite = self._features(items, spec)
         backbone_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        self._fan_out(features, list(tasks.values()), items, answers)
+        bad_images = frozenset(i for i, ok in enumerate(finite) if not ok)
+        self._fan_out(features, servable, items, answers, bad_images)
+        for row in sorted(bad_images):
+            self._image_failed(row, items[row], answers[row])
         fanout_s = time.perf_counter() - started
 
         if self.metrics is not None:
@@ -192,7 +242,7 @@ class Engine:
             m.fanout.observe(fanout_s)
             if forwards:
                 m.backbone_forward.observe(backbone_s)
-                m.tasks_per_forward.observe(len({t.tuner.name for t in tasks.values()}))
+                m.tasks_per_forward.observe(len({t.tuner.name for t in servable}))
             for task in tasks.values():
                 m.predictions.labels(task=m.task_label(task.tuner.name)).inc(len(task.rows))
         return BatchOutput(
@@ -211,36 +261,69 @@ class Engine:
                 tasks.setdefault(tuner.key, _Task(tuner)).rows.append(row)
         return tasks
 
+    def _servable(self, task: _Task, answers: list[dict[str, Answer]]) -> bool:
+        """Whether the backbone has what ``task`` reads; if not, its rows answer the error.
+
+        A config that lies about the backbone (more blocks, another width) would otherwise
+        put layers the backbone lacks into the batch's capture and fail every image of it.
+        """
+        tuner = task.tuner
+        b = self.backbone
+        ref = tuner.config.backbone
+        layers = tuner.module.feature_spec.layers
+        if ref.dim == b.dim and ref.depth == b.depth and layers[-1] <= b.depth:
+            return True
+        detail = (
+            f"task {tuner.name!r} v{tuner.version} was built for a backbone of depth "
+            f"{ref.depth}, width {ref.dim} (layers up to {layers[-1]}); this one has depth "
+            f"{b.depth}, width {b.dim}"
+        )
+        self._failed(task, "backbone_mismatch", detail, len(task.rows))
+        error = task_error("backbone_mismatch", detail)
+        for row in task.rows:
+            answers[row][tuner.name] = error
+        return False
+
     def _features(
         self, items: Sequence[BatchItem], spec: FeatureSpec
-    ) -> tuple[Features, list[bool], int]:
-        """Features (L', B, N', D) of every item for ``spec``: cache hits + one forward."""
+    ) -> tuple[Features, list[bool], int, list[bool]]:
+        """Features (L', B, N', D) of every item for ``spec``: cache hits + one forward.
+
+        Also whether each item's features are finite. Non-finite rows are not cached, and the
+        cache holds nothing else, so a hit is finite.
+        """
         fingerprint = self.backbone.fingerprint
         rows: list[torch.Tensor | None] = [
             self.cache.get(item.digest, fingerprint, spec) for item in items
         ]
         hits = [r is not None for r in rows]
+        finite = [True] * len(items)
         # Identical pixels in one batch are computed once.
         miss_digests = list(
             dict.fromkeys(i.digest for i, r in zip(items, rows, strict=True) if r is None)
         )
         forwards = 0
-        computed: Features | None = None
         if miss_digests:
             first_item = {item.digest: item for item in reversed(items)}
             pixels = torch.stack([first_item[d].pixels for d in miss_digests])  # (M, 3, H, W)
             computed = self.backbone.forward_features(pixels, spec)  # (L', M, N', D)
             forwards = 1
+            ok = _finite_rows(computed.data)
             position = {d: j for j, d in enumerate(miss_digests)}
             for d, j in position.items():
-                self.cache.put(d, fingerprint, spec, computed.data[:, j])
+                if ok[j]:
+                    self.cache.put(d, fingerprint, spec, computed.data[:, j])
+            finite = [
+                r is not None or bool(ok[position[i.digest]])
+                for i, r in zip(items, rows, strict=True)
+            ]
             if not any(hits) and len(miss_digests) == len(items):
-                return self._on_tuner_device(computed), hits, forwards
+                return self._on_tuner_device(computed), hits, forwards, finite
             for i, item in enumerate(items):
                 if rows[i] is None:
                     rows[i] = computed.data[:, position[item.digest]]
         data = torch.stack([r for r in rows if r is not None], dim=1)  # (L', B, N', D)
-        return self._on_tuner_device(Features(spec, data)), hits, forwards
+        return self._on_tuner_device(Features(spec, data)), hits, forwards, finite
 
     def _on_tuner_device(self, features: Features) -> Features:
         """Tuners compute in float32 on their device, whatever the backbone's dtype."""
@@ -253,21 +336,62 @@ class Engine:
         tasks: list[_Task],
         items: Sequence[BatchItem],
         answers: list[dict[str, Answer]],
+        bad_images: frozenset[int] = frozenset(),
     ) -> None:
-        """Run every task on its rows, one stacked group per shape, and fill ``answers``."""
-        for group in _groups(tasks):
-            rows = [torch.tensor(t.rows, dtype=torch.long) for t in group]
-            try:
-                stacked = self.groups.get([t.tuner for t in group])
-                outputs: list[torch.Tensor | BaseException] = list(stacked(features, rows))
-            except Exception:
-                # Find which task fails: run each alone so the others still answer.
-                log.exception("stacked group of %d tasks failed; retrying one by one", len(group))
+        """Run every task on its rows, one stacked group per shape, and fill ``answers``.
+
+        Quarantined tasks run alone. Every task also runs on the rows of images whose features
+        are not finite (their answers are replaced afterwards): dropping those rows would move
+        the others within the stacked matmuls and change their rounding.
+        """
+        for group in _groups(tasks, self.quarantined):
+            outputs = self._run_group(group, features, bad_images)
+            for task, out in zip(group, outputs, strict=True):
+                self._answer(task, out, items, answers, bad_images)
+
+    def _run_group(
+        self, group: list[_Task], features: Features, bad_images: frozenset[int]
+    ) -> list[torch.Tensor | BaseException]:
+        """Outputs (n_k, C) of each task of a stackable group, or the exception it raised.
+
+        When a member fails (raises, or returns a wrong shape or non-finite rows for finite
+        features), each member runs alone to find the culprits, which are quarantined, and
+        the rest run again as a group: their answers are then exactly those of a batch without
+        the culprits, whatever the culprits' numbers did to a shared stack.
+        """
+        rows = [torch.tensor(t.rows, dtype=torch.long) for t in group]
+        outputs: list[torch.Tensor | BaseException]
+        try:
+            stacked = self.groups.get([t.tuner for t in group])
+            outputs = list(stacked(features, rows))
+        except Exception as exc:
+            if len(group) == 1:
+                outputs = [exc]
+            else:
+                log.debug("stacked group of %d tasks failed; running each alone", len(group))
                 outputs = [
                     self._run_alone(t, features, r) for t, r in zip(group, rows, strict=True)
                 ]
-            for task, out in zip(group, outputs, strict=True):
-                self._answer(task, out, items, answers)
+        culprits = [
+            i
+            for i, (t, out) in enumerate(zip(group, outputs, strict=True))
+            if _fault(t, out, bad_images) is not None
+        ]
+        if not culprits:
+            # Healthy; or every task succeeds alone but not stacked: answer from solo runs.
+            return outputs
+        # A lone culprit too: it must not join a stack when others of its shape come along.
+        with self._lock:
+            for i in culprits:
+                self._quarantine[group[i].tuner.key] = None
+            while len(self._quarantine) > QUARANTINE_SIZE:
+                self._quarantine.popitem(last=False)
+        healthy = [i for i in range(len(group)) if i not in culprits]
+        if healthy:
+            rerun = self._run_group([group[i] for i in healthy], features, bad_images)
+            for i, out in zip(healthy, rerun, strict=True):
+                outputs[i] = out
+        return outputs
 
     @staticmethod
     def _run_alone(
@@ -278,29 +402,153 @@ class Engine:
                 out: torch.Tensor = task.tuner.module(features.rows(rows))  # (n, C)
                 return out
         except Exception as exc:  # a broken task must not take the batch down
-            log.exception("task %s v%d failed", task.tuner.name, task.tuner.version)
             return exc
 
-    @staticmethod
     def _answer(
+        self,
         task: _Task,
         out: torch.Tensor | BaseException,
         items: Sequence[BatchItem],
         answers: list[dict[str, Answer]],
+        bad_images: frozenset[int] = frozenset(),
     ) -> None:
-        """Postprocess one task's outputs (n, C) per row; any failure is a per-task error."""
+        """Postprocess one task's outputs (n, C) per row; a failure is a per-task error.
+
+        A row that is not finite answers ``non_finite_output`` for that image only; rows of
+        ``bad_images`` are skipped (they answer the image's own error).
+        """
         tuner = task.tuner
+        live = [row for row in task.rows if row not in bad_images]
+        if isinstance(out, BaseException):
+            detail = _exception_detail(tuner, out)
+            self._failed(task, "task_failed", detail, len(live), out)
+            for row in live:
+                answers[row][tuner.name] = task_error("task_failed", detail)
+            return
+        if _fault(task, out, frozenset()) == "bad_output_shape":
+            detail = (
+                f"task {tuner.name!r} v{tuner.version} returned {_shape_of(out)}; "
+                f"expected ({len(task.rows)}, {tuner.config.num_outputs})"
+            )
+            self._failed(task, "bad_output_shape", detail, len(live))
+            for row in live:
+                answers[row][tuner.name] = task_error("bad_output_shape", detail)
+            return
+        assert isinstance(out, torch.Tensor)
+        finite = torch.isfinite(out).all(dim=1).tolist()  # (n,)
+        good = [j for j, row in enumerate(task.rows) if finite[j] and row not in bad_images]
+        nan_rows = [
+            row for j, row in enumerate(task.rows) if not finite[j] and row not in bad_images
+        ]
+        if nan_rows:
+            detail = f"task {tuner.name!r} v{tuner.version} produced NaN or Inf for this image"
+            self._failed(task, "non_finite_output", detail, len(nan_rows))
+            for row in nan_rows:
+                answers[row][tuner.name] = task_error("non_finite_output", detail)
+        if not good:
+            return
         try:
-            if isinstance(out, BaseException):
-                raise out
-            results = _postprocess(tuner, out, [items[row].top_k for row in task.rows])
+            picked = out if len(good) == len(task.rows) else out[good]  # (n_good, C)
+            results = _postprocess(tuner, picked, [items[task.rows[j]].top_k for j in good])
         except Exception as exc:
-            if out is not exc:
-                log.exception("postprocessing task %s v%d failed", tuner.name, tuner.version)
-            detail = f"task {tuner.name!r} v{tuner.version} failed: {exc}"
-            results = [task_error("task_failed", detail) for _ in task.rows]
-        for row, result in zip(task.rows, results, strict=True):
-            answers[row][tuner.name] = result
+            detail = _exception_detail(tuner, exc)
+            self._failed(task, "task_failed", detail, len(good), exc)
+            results = [task_error("task_failed", detail) for _ in good]
+        for j, result in zip(good, results, strict=True):
+            answers[task.rows[j]][tuner.name] = result
+
+    def _image_failed(self, row: int, item: BatchItem, answers: dict[str, Answer]) -> None:
+        """Image ``row``'s features are not finite: each of its tasks answers that."""
+        detail = (
+            f"image {row} of the batch gave non-finite backbone features (NaN or Inf): "
+            "its pixel values are out of any normalised range"
+        )
+        m = self.metrics
+        for tuner in item.tuners:
+            if "error" in answers.get(tuner.name, {}):
+                continue  # the task failed before running (backbone_mismatch)
+            answers[tuner.name] = task_error("non_finite_features", detail)
+            if m is not None:
+                m.task_failures.labels(
+                    task=m.task_label(tuner.name), reason="non_finite_features"
+                ).inc()
+        # The sender's input, not a server fault: counted, and logged only for debugging.
+        log.debug("non-finite backbone features for one image (digest %s)", item.digest[:16])
+
+    def _failed(
+        self,
+        task: _Task,
+        reason: FailureReason,
+        detail: str,
+        answers: int,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Count ``answers`` failed answers of ``task``; log the first of each (version, reason).
+
+        A tuner that keeps failing would otherwise log a traceback every batch.
+        """
+        if answers <= 0:
+            return
+        tuner = task.tuner
+        if self.metrics is not None:
+            m = self.metrics
+            m.task_failures.labels(task=m.task_label(tuner.name), reason=reason).inc(answers)
+        key = (tuner.key, reason)
+        with self._lock:
+            first = key not in self._logged
+            self._logged[key] = None
+            while len(self._logged) > QUARANTINE_SIZE:
+                self._logged.popitem(last=False)
+        level = logging.WARNING if first else logging.DEBUG
+        log.log(
+            level,
+            "task %s v%d failed (%s): %s",
+            tuner.name,
+            tuner.version,
+            reason,
+            detail,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None and first else None,
+        )
+
+
+def _finite_rows(data: torch.Tensor) -> list[bool]:
+    """Whether each image's features (L', M, N', D) are all finite: (M,) flags.
+
+    Max and min propagate NaN and keep the sign of an Inf, and reduce without the
+    full-size mask ``isfinite`` builds: 3.5 vs 23 ms on ViT-S all-token features at batch 8
+    (one CPU thread), against a 1 s forward.
+    """
+    dims = (0, 2, 3)
+    return (torch.isfinite(data.amax(dim=dims)) & torch.isfinite(data.amin(dim=dims))).tolist()
+
+
+def _fault(
+    task: _Task, out: torch.Tensor | BaseException, bad_images: frozenset[int]
+) -> FailureReason | None:
+    """Why ``out`` cannot be ``task``'s answer for its rows, ignoring ``bad_images`` rows."""
+    if isinstance(out, BaseException):
+        return "task_failed"
+    expected = (len(task.rows), task.tuner.config.num_outputs)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        return "bad_output_shape"
+    if not out.is_floating_point():
+        return "bad_output_shape"
+    finite = torch.isfinite(out).all(dim=1).tolist()  # (n,)
+    if any(not ok and row not in bad_images for ok, row in zip(finite, task.rows, strict=True)):
+        return "non_finite_output"
+    return None
+
+
+def _shape_of(out: object) -> str:
+    shape = getattr(out, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+
+
+def _exception_detail(tuner: LoadedTuner, exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > DETAIL_CHARS:
+        text = text[: DETAIL_CHARS - 3] + "..."
+    return f"task {tuner.name!r} v{tuner.version} failed: {text}"
 
 
 def _postprocess(tuner: LoadedTuner, out: torch.Tensor, top_ks: list[int]) -> list[Answer]:
@@ -317,18 +565,23 @@ def _postprocess(tuner: LoadedTuner, out: torch.Tensor, top_ks: list[int]) -> li
     return results
 
 
-def _groups(tasks: list[_Task]) -> list[list[_Task]]:
+def _groups(
+    tasks: list[_Task], quarantined: Callable[[TunerKey], bool] = lambda _: False
+) -> list[list[_Task]]:
     """Tasks split into stackable groups: one ``shape_key`` and distinct names in each.
 
     Two versions of one name (a pinned version beside the current one) land in different
     groups, since a group answers by name; so do two tenants' tuners of one plain name
     (``acme/pets``, ``bolt/pets``), whose artifacts carry the same name. Members are sorted so
-    the group cache key and the stacking order agree.
+    the group cache key and the stacking order agree. A quarantined task is a group of its own.
     """
     by_shape: dict[tuple[object, ...], list[_Task]] = {}
-    for task in sorted(tasks, key=lambda t: t.tuner.key):
-        by_shape.setdefault(task.tuner.config.shape_key, []).append(task)
     groups: list[list[_Task]] = []
+    for task in sorted(tasks, key=lambda t: t.tuner.key):
+        if quarantined(task.tuner.key):
+            groups.append([task])
+        else:
+            by_shape.setdefault(task.tuner.config.shape_key, []).append(task)
     for members in by_shape.values():
         layers: list[list[_Task]] = []
         for task in members:

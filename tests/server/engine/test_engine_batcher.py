@@ -194,24 +194,30 @@ def test_drain_finishes_queued_work_and_refuses_new(
     asyncio.run(main())
 
 
-def test_an_engine_failure_fails_its_batch_only(
+def test_an_engine_failure_costs_only_the_image_that_causes_it(
     runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
 ) -> None:
     engine = Engine(runtime, FeatureCache(0))
-    calls = {"n": 0}
+    poison = make_items(1, 5)[0]
 
-    def flaky(items: list[BatchItem]) -> BatchOutput:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("device lost")  # a fault the tiny CPU model cannot produce
+    def fragile(items: list[BatchItem]) -> BatchOutput:
+        # A fault the tiny CPU model cannot produce: the engine raises on one image.
+        if any(item.digest == poison.digest for item in items):
+            raise RuntimeError("device lost")
         return engine.run_batch(items)
 
     async def main() -> None:
-        batcher = batcher_for(flaky)
+        batcher = batcher_for(fragile, wait_ms=50.0)
+        healthy = asyncio.ensure_future(batcher.submit(make_items(2, 0)))
         with pytest.raises(ApiError) as err:
-            await batcher.submit(make_items(2, 0))
+            await batcher.submit([poison])
         assert (err.value.code, err.value.status) == ("internal", 500)
-        assert len(await batcher.submit(make_items(2, 0))) == 2
+        answered = await healthy  # shared the poisoned batch, yet answers
+        assert [len(c.output.answers) for c in answered] == [1, 1]
+        assert answered[0].batch.size == 3
+        for got, item in zip(answered, make_items(2, 0), strict=True):
+            alone = engine.run_batch([item]).items[0]  # the retry ran each image alone
+            assert got.output.answers == alone.answers
         await batcher.drain()
 
     asyncio.run(main())
