@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -182,8 +183,8 @@ class Load:
                     if resp.status_code != 200:
                         try:
                             code = str(resp.json().get("code"))
-                        except ValueError:
-                            code = resp.text[:80]
+                        except ValueError:  # nginx's own HTML page
+                            code = " ".join(re.findall(r"<title>([^<]*)</title>", resp.text))
                     rid = resp.headers.get("x-request-id")
                     self.outcomes.append(Outcome(started, resp.status_code, code, rid))
 
