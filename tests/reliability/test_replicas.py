@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -182,8 +183,8 @@ class Load:
                     if resp.status_code != 200:
                         try:
                             code = str(resp.json().get("code"))
-                        except ValueError:
-                            code = resp.text[:80]
+                        except ValueError:  # nginx's own HTML page
+                            code = " ".join(re.findall(r"<title>([^<]*)</title>", resp.text))
                     rid = resp.headers.get("x-request-id")
                     self.outcomes.append(Outcome(started, resp.status_code, code, rid))
 
@@ -221,6 +222,38 @@ def artifact(name: str, backbone: TorchBackbone, seed: int = 0) -> bytes:
     return make_artifact(make_config(name, backbone), backbone.final_norm, seed=seed)
 
 
+def answer_of(replica: Replica, tasks: str) -> str:
+    """A predict straight to ``replica``: ``"<status> <code>"`` or, for a 200, the
+    per-task error codes (``"200 ok"`` when every task answered)."""
+    with httpx.Client(base_url=replica.url(), timeout=30) as c:
+        resp = c.post(
+            "/v1/predict",
+            files=[("image", ("x.png", tiny_images(1)[0], "image/png"))],
+            data={"tasks": tasks},
+        )
+    if resp.status_code != 200:
+        return f"{resp.status_code} {resp.json().get('code')}"
+    answers = resp.json()["results"][0]["tasks"].values()
+    errors = sorted({a["error"]["code"] for a in answers if "error" in a})
+    return f"200 {','.join(errors) or 'ok'}"
+
+
+def serves_probe(replica: Replica, version: int) -> bool:
+    """Whether ``replica`` serves version ``version`` of the probe tuner (its detail says so
+    once that version is loaded and swapped in)."""
+    try:
+        with httpx.Client(base_url=replica.url(), timeout=5) as c:
+            detail = c.get(f"/v1/tuners/{PROBE}")
+    except httpx.TransportError:
+        return False
+    return detail.status_code == 200 and detail.json()["version"] == version
+
+
+def warm(replica: Replica) -> None:
+    """Load every tuner on ``replica`` (a predict straight to it)."""
+    assert answer_of(replica, f"{TASKS},{PROBE}") == "200 ok"
+
+
 def test_restarts_and_store_outages_never_reach_clients(
     tmp_path: Path, redis_process: RedisProcess, tiny_backbone: TorchBackbone
 ) -> None:
@@ -230,76 +263,48 @@ def test_restarts_and_store_outages_never_reach_clients(
     admin = redis.Redis.from_url(store_url)
     env = {"RESTUNE_STORE": store_url, "RESTUNE_GRACEFUL_SHUTDOWN_S": "10"}
     replicas = [Replica(n, free_port(), tmp_path, env) for n in ("a", "b")]
-    starting = [threading.Thread(target=r.start) for r in replicas]
-    for thread in starting:
-        thread.start()
-    for thread in starting:
-        thread.join(HANG_S * 2)
-    assert all(r.server is not None and ready(r.url()) for r in replicas)
-    a, b = replicas
-    for name in (*TASKS.split(","), PROBE):
-        assert a.server is not None
-        assert a.server.register(name, artifact(name, tiny_backbone)).status_code == 201
-    probe_version = 1
-
-    def warm(replica: Replica) -> None:
-        """Load every tuner on ``replica`` (a predict straight to it)."""
-        with httpx.Client(base_url=replica.url(), timeout=30) as c:
-            resp = c.post(
-                "/v1/predict",
-                files=[("image", ("x.png", tiny_images(1)[0], "image/png"))],
-                data={"tasks": f"{TASKS},{PROBE}"},
-            )
-            assert resp.status_code == 200, resp.text
-
-    direct: list[str] = []
-    """What b itself answered (not through nginx) while it could not reach Redis."""
-
-    def answer_of(replica: Replica, tasks: str) -> str:
-        """A predict straight to ``replica``: ``"<status> <code>"`` or, for a 200, the
-        per-task error codes (``"200 ok"`` when every task answered)."""
-        with httpx.Client(base_url=replica.url(), timeout=30) as c:
-            resp = c.post(
-                "/v1/predict",
-                files=[("image", ("x.png", tiny_images(1)[0], "image/png"))],
-                data={"tasks": tasks},
-            )
-        if resp.status_code != 200:
-            return f"{resp.status_code} {resp.json().get('code')}"
-        answers = resp.json()["results"][0]["tasks"].values()
-        errors = sorted({a["error"]["code"] for a in answers if "error" in a})
-        return f"200 {','.join(errors) or 'ok'}"
-
-    def serves_probe(replica: Replica, version: int) -> bool:
-        try:
-            with httpx.Client(base_url=replica.url(), timeout=5) as c:
-                detail = c.get(f"/v1/tuners/{PROBE}")
-        except httpx.TransportError:
-            return False
-        return detail.status_code == 200 and detail.json()["version"] == version
-
-    wait_for(lambda: serves_probe(b, 1), "b to follow a's registrations")
-    for replica in replicas:
-        warm(replica)
-    admin.save()  # what was acknowledged survives a Redis restart (AOF in production)
-
-    nginx = Nginx(
-        TREE / "deploy" / "nginx" / "nginx.conf", tmp_path / "nginx", [r.port for r in replicas]
-    )
-    nginx.start()
-    load = Load(nginx.url)
-    marks: list[tuple[str, float, float, str]] = []
-
-    @contextmanager
-    def scenario(name: str) -> Iterator[list[str]]:
-        notes: list[str] = []
-        start = time.monotonic()
-        time.sleep(0.5)  # steady traffic first
-        yield notes
-        time.sleep(0.5)  # and after
-        marks.append((name, start, time.monotonic(), "; ".join(notes)))
-
+    nginx: list[Nginx] = []
     try:
+        starting = [threading.Thread(target=r.start) for r in replicas]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join(HANG_S * 2)
+        assert all(r.server is not None and ready(r.url()) for r in replicas)
+        a, b = replicas
+        for name in (*TASKS.split(","), PROBE):
+            assert a.server is not None
+            assert a.server.register(name, artifact(name, tiny_backbone)).status_code == 201
+        probe_version = 1
+
+        direct: list[str] = []
+        """What b itself answered (not through nginx) while it could not reach Redis."""
+
+        wait_for(lambda: serves_probe(b, 1), "b to follow a's registrations")
+        for replica in replicas:
+            warm(replica)
+        admin.save()  # what was acknowledged survives a Redis restart (AOF in production)
+
+        nginx.append(
+            Nginx(
+                TREE / "deploy" / "nginx" / "nginx.conf",
+                tmp_path / "nginx",
+                [r.port for r in replicas],
+            )
+        )
+        nginx[0].start()
+        load = Load(nginx[0].url)
+        marks: list[tuple[str, float, float, str]] = []
+
+        @contextmanager
+        def scenario(name: str) -> Iterator[list[str]]:
+            notes: list[str] = []
+            start = time.monotonic()
+            time.sleep(0.5)  # steady traffic first
+            yield notes
+            time.sleep(0.5)  # and after
+            marks.append((name, start, time.monotonic(), "; ".join(notes)))
+
         with load.running():
             wait_for(lambda: len(load.outcomes) >= 20, "traffic to flow")
 
@@ -375,13 +380,14 @@ def test_restarts_and_store_outages_never_reach_clients(
                 redis_process.start()
                 wait_for(lambda: serves_probe(b, probe_version), "b to serve again")
     finally:
-        nginx.stop()
+        for proxy in nginx:
+            proxy.stop()
         for replica in replicas:
             if replica.server is not None:
                 replica.server.stop(timeout=15)
         admin.close()
 
-    rows = tabulate(marks, load, nginx, replicas)
+    rows = tabulate(marks, load, nginx[0], replicas)
     print_table(rows)
     for row in rows:
         assert (row.failed, row.twice) == (0, 0), row

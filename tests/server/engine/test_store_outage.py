@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -26,8 +27,6 @@ from tests.fixtures.redis_server import RedisProcess
 from tests.server.engine.conftest import ArtifactFactory
 from tests.server.engine.engine_kit import RecordingRuntime, eventually
 from tuners_store import open_store
-
-pytestmark = pytest.mark.redis
 
 
 @contextlib.asynccontextmanager
@@ -61,6 +60,7 @@ def assert_store_unavailable(err: ApiError) -> None:
     assert 0 < err.retry_after <= 5
 
 
+@pytest.mark.redis
 def test_outage_loaded_tuners_answer_the_rest_is_a_retryable_503(
     settings: Settings,
     runtime: RecordingRuntime,
@@ -115,6 +115,7 @@ def test_outage_loaded_tuners_answer_the_rest_is_a_retryable_503(
     asyncio.run(main())
 
 
+@pytest.mark.redis
 def test_a_replica_that_never_reached_the_store_is_not_ready_and_never_says_404(
     settings: Settings,
     runtime: RecordingRuntime,
@@ -153,6 +154,7 @@ def test_a_replica_that_never_reached_the_store_is_not_ready_and_never_says_404(
     asyncio.run(main())
 
 
+@pytest.mark.redis
 def test_a_version_with_missing_bytes_is_still_answered_per_task(
     settings: Settings,
     runtime: RecordingRuntime,
@@ -174,5 +176,33 @@ def test_a_version_with_missing_bytes_is_still_answered_per_task(
             tasks = body["results"][0]["tasks"]
             assert tasks["ok"]["version"] == 1
             assert tasks["broken"]["error"]["code"] == "tuner_load_failed"
+
+    asyncio.run(main())
+
+
+def test_a_file_store_whose_directory_vanishes_is_reported_then_followed_again(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory, tmp_path: Path
+) -> None:
+    """The same for the filesystem store: its directory moved away (a volume unmounted) is a
+    ``lost`` store, and its return a resync."""
+    root = tmp_path / "tuners"
+    url = f"file://{root}?poll_interval=0.02"
+    image = tiny_images(1, seed=6)
+
+    async def main() -> None:
+        async with running(settings.model_copy(update={"store": url}), runtime) as svc:
+            await svc.registry.register("kept", artifact("kept"))
+            up = svc.metrics.registry.get_sample_value
+
+            async def store_up_is(value: float) -> bool:
+                return up("restune_tuner_store_up") == value
+
+            root.rename(tmp_path / "elsewhere")
+            await eventually(lambda: store_up_is(0))
+            body = await svc.predict(image, refs("kept"), 1)
+            assert body["results"][0]["tasks"]["kept"]["version"] == 1
+            (tmp_path / "elsewhere").rename(root)
+            await eventually(lambda: store_up_is(1))
+            assert svc.registry.known("kept")
 
     asyncio.run(main())
