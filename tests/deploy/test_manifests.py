@@ -78,10 +78,9 @@ def server_metrics() -> dict[str, set[str]]:
         labels = labels_of.get(family.name, set())
         if family.type == "counter":
             names[f"{family.name}_total"] = labels
-            names[f"{family.name}_created"] = labels
         elif family.type == "histogram":
             names[f"{family.name}_bucket"] = labels | {"le"}
-            for suffix in ("_count", "_sum", "_created"):
+            for suffix in ("_count", "_sum"):
                 names[family.name + suffix] = labels
         else:
             names[family.name] = labels
