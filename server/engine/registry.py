@@ -186,6 +186,12 @@ class TunerRegistry:
         self._loaded_bytes = 0
         self._configs: dict[str, tuple[str, TunerConfig]] = {}
         """Config of each name's current artifact, by sha256 (listing without reloading)."""
+        self._unloadable: dict[VersionKey, tuple[str, str, str]] = {}
+        """Versions whose stored bytes failed admission here: (sha256, code, message). Kept as
+        plain values: an exception object would hold the frames (and bytes) that raised it."""
+        self._config_errors: dict[str, tuple[str, str, str]] = {}
+        """Why the config of a name's artifact (by sha256) cannot be read here: stored bytes
+        that fail validation on this server (written behind admission)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._generation: dict[str, int] = {}
         """Bumped when a name is deleted: loads started before see it and give up."""
@@ -347,18 +353,17 @@ class TunerRegistry:
                     ) from exc
                 data, info = stored.data, stored.info
             if module is None:
+                refused = self._unloadable.get((name, version))
+                if refused is not None and refused[0] == info.sha256:
+                    # Admission is deterministic for given bytes and backbone: do not pay
+                    # for it again on every request naming this version.
+                    raise _unloadable(info, refused[1], refused[2])
                 try:
                     module = await asyncio.to_thread(self._build, data, info.sha256)
                 except ArtifactError as exc:
                     log.warning("tuner %s v%d is unloadable: %s", name, version, exc.message)
-                    raise ApiError(
-                        "tuner_unloadable",
-                        f"task {name!r} v{version} cannot be loaded on this server "
-                        f"({exc.code}): {exc.message}",
-                        task=name,
-                        version=version,
-                        artifact_code=exc.code,
-                    ) from exc
+                    self._unloadable[(name, version)] = (info.sha256, exc.code, exc.message)
+                    raise _unloadable(info, exc.code, exc.message) from None
             if self._generation.get(name, 0) != generation or self._closed:
                 # Deleted while we were loading: do not bring it back.
                 raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
@@ -765,6 +770,10 @@ class TunerRegistry:
                 sha256=stored.info.sha256,
             )
             config = header.config
+        except ArtifactError as exc:
+            log.warning("config of %s v%d is invalid: %s", info.name, info.version, exc.message)
+            self._config_errors[info.name] = (info.sha256, exc.code, exc.message)
+            return None
         except StoreError as exc:
             log.info("config of %s v%d unavailable: %s", info.name, info.version, exc)
             return None
@@ -772,6 +781,14 @@ class TunerRegistry:
         return config
 
     # ------------------------------------------------------------------ index mirroring
+
+    def config_error(self, info: VersionInfo) -> ApiError | None:
+        """``tuner_unloadable`` when the config of ``info``'s artifact was found invalid here
+        (a listing shows it without a config); ``None`` when it was read or never tried."""
+        found = self._config_errors.get(info.name)
+        if found is None or found[0] != info.sha256:
+            return None
+        return _unloadable(info, found[1], found[2])
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -969,6 +986,18 @@ class TunerRegistry:
     def loaded_tuners(self) -> Iterable[LoadedTuner]:
         """Loaded versions, least recently used first."""
         return list(self._loaded.values())
+
+
+def _unloadable(info: VersionInfo, code: str, message: str) -> ApiError:
+    """The error a stored version that fails validation or admission here answers with
+    (``code``/``message``: the artifact's :class:`ArtifactError`)."""
+    return ApiError(
+        "tuner_unloadable",
+        f"task {info.name!r} v{info.version} cannot be loaded on this server ({code}): {message}",
+        task=info.name,
+        version=info.version,
+        artifact_code=code,
+    )
 
 
 async def sha256_of(data: bytes) -> str:
