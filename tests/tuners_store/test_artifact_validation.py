@@ -276,14 +276,14 @@ def _extra_tensors(count: int) -> Any:
         (lambda: _with_header(lambda h: h.update({"x" * 257: h.pop("head.bias")})), "characters"),
         (
             lambda: _with_header(lambda h: h["head.bias"].update({"shape": [[[3]]]})),
-            "deeper than 3",
+            "every dimension",
         ),
         (
             lambda: _raw_edit(
                 '"__metadata__": {',
                 '"deep": ' + "[" * 50_000 + "]" * 50_000 + ', "__metadata__": {',
             ),
-            "deeper than 3",
+            "nested too deeply",
         ),
     ],
     ids=[
