@@ -89,7 +89,8 @@ class BadImage(ValidationFailed):
 
 
 class ArtifactRejected(ValidationFailed):
-    """An uploaded tuner artifact failed validation (``artifact_*``, ``backbone_mismatch``)."""
+    """An uploaded tuner artifact failed validation (``artifact_*``, ``backbone_mismatch``), or
+    a stored one fails it on this server (``tuner_unloadable``)."""
 
     default_code = "artifact_invalid"
 
@@ -158,6 +159,7 @@ _CLASS_BY_CODE: dict[str, type[RestuneError]] = {
     "invalid_traffic": ValidationFailed,
     "unsupported_media_type": ValidationFailed,
     "backbone_mismatch": ArtifactRejected,
+    "tuner_unloadable": ArtifactRejected,
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "payload_too_large": PayloadTooLarge,

@@ -72,4 +72,5 @@ def build_validated(
     validating twice costs as much as the first time, on every registration.
     """
     tensors = {name: t.to(dtype) for name, t in load(data).items()}
-    return build_task(header.config, tensors, final_norm)
+    # Freshly read and owned here: they become the parameters (no second copy).
+    return build_task(header.config, tensors, final_norm, assign=True)

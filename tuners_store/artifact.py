@@ -5,12 +5,15 @@ tensor's name, shape, dtype and byte range against :func:`tensor_specs`, and sca
 bytes for NaN/Inf and out-of-range values with numpy. No torch: the stores and the upload route
 run this.
 
-Every number and size in the header is bounded before it is used: the header's byte size, its
-JSON nesting (checked before parsing), the digits of each JSON integer (Python refuses to
+Every number and size in the header is bounded before it is used: the header's byte size, the
+digits of each JSON integer (checked by the parser's hook before conversion: Python refuses to
 convert more than 4300 and would raise), the number of tensors and metadata entries, each
 shape's rank and dimensions, and the element count (multiplied one dimension at a time, stopping
-as soon as it passes what the file can hold). Strings must be valid Unicode (no lone surrogate
-escapes, which could not be written back as UTF-8).
+as soon as it passes what the file can hold). Nesting is bounded twice: the parser stops at the
+interpreter's recursion limit (a 422, not a crash), and every entry's type is checked (a header
+is three levels deep: the object, a tensor entry, its lists of integers; metadata values are
+strings, and the config inside one is parsed by pydantic, which bounds its own depth). Strings
+must be valid Unicode (no lone surrogate escapes, which could not be written back as UTF-8).
 
 Layout (safetensors): 8-byte little-endian header length ``n``; ``n`` bytes of JSON
 ``{"__metadata__": {...}, "<tensor>": {"dtype", "shape", "data_offsets": [begin, end]}}``;
@@ -22,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,8 +59,6 @@ MAX_METADATA_ENTRIES = 64
 """Most ``__metadata__`` entries (restune writes 2; other writers add a few)."""
 MAX_METADATA_KEY_CHARS = 256
 """Longest ``__metadata__`` key."""
-MAX_HEADER_DEPTH = 3
-"""JSON nesting of a safetensors header: the object, a tensor entry, its shape list."""
 MAX_INT_DIGITS = 20
 """Digits of a JSON integer in the header: enough for any 64-bit offset."""
 MAX_ABS_VALUE_EXPONENT = 20
@@ -74,10 +74,6 @@ _EXPONENT: dict[str, tuple[type[np.unsignedinteger[Any]], int, int, int]] = {
     "F16": (np.uint16, 0x7C00, 10, 15),
     "BF16": (np.uint16, 0x7F80, 7, 127),
 }
-# A JSON string literal (unrolled loop: linear, no backtracking); removed before the
-# nesting check so that brackets inside names do not count.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 _PICKLE_PROTO = 0x80
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -186,23 +182,6 @@ def _valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _check_nesting(raw: bytes) -> None:
-    """Refuse a header nested deeper than :data:`MAX_HEADER_DEPTH` before parsing it.
-
-    Strings are cut out, everything but brackets is dropped, then innermost ``[]``/``{}``
-    pairs are removed ``MAX_HEADER_DEPTH`` times; whatever remains was nested deeper (or is
-    unbalanced, which the parser would refuse anyway). All of it runs in C, linear in size.
-    """
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    for _ in range(MAX_HEADER_DEPTH):
-        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
-    if brackets:
-        raise _fail(
-            "artifact_bad_header",
-            f"header JSON nests deeper than {MAX_HEADER_DEPTH} levels (or is unbalanced)",
-        )
 
 
 def _sniff_format(data: bytes) -> None:
@@ -410,20 +389,20 @@ def read_header(
             f"header declares {header_len} bytes but the file has only {len(data) - 8} after "
             "the length prefix (truncated upload?)",
         )
-    raw = data[8 : 8 + header_len]
-    _check_nesting(raw)
     try:
         header = json.loads(
-            raw.decode("utf-8"),
+            data[8 : 8 + header_len].decode("utf-8"),
             object_pairs_hook=_no_duplicates,
             parse_int=_bounded_int,
             parse_constant=_no_constant,
         )
-    # RecursionError: kept as a backstop; _check_nesting refuses deep headers first.
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(
             "artifact_bad_header", f"header is not valid UTF-8 JSON: {str(exc)[:200]}"
         ) from None
+    except RecursionError:
+        # "[[[[...": the parser recurses once per level and stops at the recursion limit.
+        raise _fail("artifact_bad_header", "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _fail("artifact_bad_header", "header must be a JSON object")
     config = _parse_config(header.pop("__metadata__", None))
@@ -492,13 +471,20 @@ def _check_tensors(header: ArtifactHeader) -> None:
 
 
 def _check_values(header: ArtifactHeader, data: bytes) -> None:
-    """Every value finite and below 2**MAX_ABS_VALUE_EXPONENT in magnitude (from the bits)."""
+    """Every value finite and below 2**MAX_ABS_VALUE_EXPONENT in magnitude (from the bits).
+
+    One masked pass and one comparison per tensor; only a failing tensor is scanned again to
+    say which kind of value it holds and where."""
     for name, info in header.tensors.items():
         uint, mask, shift, bias = _EXPONENT[info.dtype]
         bits = np.frombuffer(
             header.tensor_bytes(data, name), dtype=np.dtype(uint).newbyteorder("<")
         )
         exponent = bits & mask
+        # NaN/Inf have every exponent bit set, so they are above any lower limit too.
+        limit = min((bias + MAX_ABS_VALUE_EXPONENT) << shift, mask)
+        if not (exponent >= limit).any():
+            continue
         bad = np.flatnonzero(exponent == mask)
         if bad.size:
             raise _fail(
@@ -506,15 +492,12 @@ def _check_values(header: ArtifactHeader, data: bytes) -> None:
                 f"tensor {_shown(name)} has {bad.size} NaN/Inf value(s) (first at flat index "
                 f"{int(bad[0])})",
             )
-        limit = (bias + MAX_ABS_VALUE_EXPONENT) << shift
-        if limit < mask:
-            big = np.flatnonzero(exponent >= limit)
-            if big.size:
-                raise _fail(
-                    "artifact_value_out_of_range",
-                    f"tensor {_shown(name)} has {big.size} value(s) of magnitude >= "
-                    f"2**{MAX_ABS_VALUE_EXPONENT} (first at flat index {int(big[0])})",
-                )
+        big = np.flatnonzero(exponent >= limit)
+        raise _fail(
+            "artifact_value_out_of_range",
+            f"tensor {_shown(name)} has {big.size} value(s) of magnitude >= "
+            f"2**{MAX_ABS_VALUE_EXPONENT} (first at flat index {int(big[0])})",
+        )
 
 
 def validate_artifact(

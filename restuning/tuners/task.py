@@ -42,9 +42,17 @@ class TaskModule(nn.Module):
 
 
 def build_task(
-    config: TunerConfig, tensors: Mapping[str, Tensor], final_norm: nn.LayerNorm
+    config: TunerConfig,
+    tensors: Mapping[str, Tensor],
+    final_norm: nn.LayerNorm,
+    *,
+    assign: bool = False,
 ) -> TaskModule:
     """A module holding exactly ``tensors``: names and shapes must equal ``tensor_specs``.
+
+    ``assign``: the tensors become the parameters instead of being copied into them, for a
+    caller that owns them and uses them nowhere else (an artifact just read: one copy of its
+    bytes fewer).
 
     The module's dtype is that of the tensors (all must share one) and it lives on the final
     norm's device.
@@ -63,7 +71,7 @@ def build_task(
     if len(dtypes) != 1:
         raise ValueError(f"tensors mix dtypes {sorted(map(str, dtypes))}")
     module = TaskModule(config, final_norm).to(dtype=dtypes.pop())
-    module.load_state_dict(dict(tensors), strict=True)
+    module.load_state_dict(dict(tensors), strict=True, assign=assign)
     return module.to(device=_device_of(final_norm))
 
 

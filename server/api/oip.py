@@ -168,6 +168,9 @@ async def model_view(service: InferenceService, task: str, version: str | None) 
             return ModelView(task, pinned, loaded.config, versions, True)
     config = detail.summary.config
     if config is None:
+        problem = service.registry.config_error(detail.summary.info)
+        if problem is not None:
+            raise problem
         raise ApiError(
             "store_unavailable",
             f"the config of task {task!r} cannot be read: the tuner store is unreachable",

@@ -162,8 +162,10 @@ async def register_tuner(
     service: ServiceDep,
     tenancy: TenancyDep,
 ) -> JSONResponse:
-    """Validate the artifact (header, shapes, backbone fingerprint) and make it the current
-    version of ``name`` on every replica. Re-uploading identical bytes answers 200 with the
+    """Validate the artifact (header, shapes, values, backbone fingerprint), admit it against
+    the running backbone (its dims and depth, then a dry run of the built tuner; 422
+    ``artifact_incompatible`` / ``artifact_dry_run_failed``, nothing stored) and make it the
+    current version of ``name`` on every replica. Re-uploading identical bytes answers 200 with the
     existing version. Over the tenant's tuner or byte quota: 429 ``quota_exceeded``."""
     tenancy.check_write(principal, name)
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -179,10 +181,11 @@ async def register_tuner(
         raise ApiError("validation_error", "the body is empty; send the artifact bytes")
     tenant = tenancy.tenant_of(name)
     async with tenancy.upload_slot(tenant):
+        digest = None
         if tenancy.quota(tenant).limits_storage:
             digest = await sha256_of(data)
             await tenancy.check_upload(tenant, name, data, digest, service.registry)
-        info, created = await service.registry.register(name, data)
+        info, created = await service.registry.register(name, data, sha256=digest)
     return JSONResponse(
         Registered(name=info.name, version=info.version, sha256=info.sha256).model_dump(),
         status_code=201 if created else 200,

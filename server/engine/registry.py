@@ -195,6 +195,12 @@ class TunerRegistry:
         self._loaded_bytes = 0
         self._configs: dict[str, tuple[str, TunerConfig]] = {}
         """Config of each name's current artifact, by sha256 (listing without reloading)."""
+        self._unloadable: dict[VersionKey, tuple[str, str, str]] = {}
+        """Versions whose stored bytes failed admission here: (sha256, code, message). Kept as
+        plain values: an exception object would hold the frames (and bytes) that raised it."""
+        self._config_errors: dict[str, tuple[str, str, str]] = {}
+        """Why the config of a name's artifact (by sha256) cannot be read here: stored bytes
+        that fail validation on this server (written behind admission)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._generation: dict[str, int] = {}
         """Bumped when a name is deleted: loads started before see it and give up."""
@@ -344,17 +350,13 @@ class TunerRegistry:
         self,
         name: str,
         version: int,
-        data: bytes | None = None,
-        info: VersionInfo | None = None,
         *,
         generation: int | None = None,
-        module: TaskModule | None = None,
     ) -> LoadedTuner:
-        """Build version ``version`` of ``name`` (from ``data`` when given) under its lock.
+        """Read version ``version`` of ``name`` from the store and build it, under its lock.
 
         ``generation`` is the name's generation the caller started from (default: now); if a
         delete bumped it by the time the module is built, the result is thrown away.
-        ``module``: already admitted from ``data`` (a registration), so it is not built again.
         Bytes that fail admission here (written by another replica or an older server) raise
         ``tuner_unloadable``, which requests report per task.
         """
@@ -365,64 +367,71 @@ class TunerRegistry:
             if generation is None:
                 generation = self._generation.get(name, 0)
             started = time.perf_counter()
-            if data is None or info is None:
-                try:
-                    stored = await self.store.get(name, version)
-                except (TunerNotFound, InvalidName):
-                    raise ApiError(
-                        "unknown_task", f"no task named {name!r} is registered", task=name
-                    ) from None
-                except VersionNotFound:
-                    raise ApiError(
-                        "unknown_version",
-                        f"task {name!r} has no version {version}",
-                        task=name,
-                        version=version,
-                    ) from None
-                except StoreUnavailable as exc:
-                    # Not this version's fault: the whole request is retryable elsewhere.
-                    raise self._unavailable_for_serving(exc, name) from exc
-                except StoreError as exc:
-                    raise ApiError(
-                        "tuner_load_failed",
-                        f"task {name!r} v{version} is not loaded and the store failed: {exc}",
-                        task=name,
-                    ) from exc
-                data, info = stored.data, stored.info
-            if module is None:
-                try:
-                    module = await asyncio.to_thread(self._build, data, info.sha256)
-                except ArtifactError as exc:
-                    log.warning("tuner %s v%d is unloadable: %s", name, version, exc.message)
-                    raise ApiError(
-                        "tuner_unloadable",
-                        f"task {name!r} v{version} cannot be loaded on this server "
-                        f"({exc.code}): {exc.message}",
-                        task=name,
-                        version=version,
-                        artifact_code=exc.code,
-                    ) from exc
-            if self._generation.get(name, 0) != generation or self._closed:
-                # Deleted while we were loading: do not bring it back.
-                raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
-            loaded = LoadedTuner(
-                name=name,
-                version=info.version,
-                sha256=info.sha256,
-                config=module.config,
-                module=module,
-                nbytes=module_nbytes(module),
-                info=info,
-            )
-            self._configs[name] = (info.sha256, module.config)
-            self._loaded[(name, version)] = loaded
-            self._loaded_bytes += loaded.nbytes
-            self._evict(keep=(name, version))
-            if self.metrics is not None:
-                self.metrics.tuner_load.observe(time.perf_counter() - started)
-            self._report()
-            log.info("loaded tuner %s v%d (%d bytes)", name, version, loaded.nbytes)
-            return loaded
+            try:
+                stored = await self.store.get(name, version)
+            except (TunerNotFound, InvalidName):
+                raise ApiError(
+                    "unknown_task", f"no task named {name!r} is registered", task=name
+                ) from None
+            except VersionNotFound:
+                raise ApiError(
+                    "unknown_version",
+                    f"task {name!r} has no version {version}",
+                    task=name,
+                    version=version,
+                ) from None
+            except StoreUnavailable as exc:
+                # Not this version's fault: the whole request is retryable elsewhere.
+                raise self._unavailable_for_serving(exc, name) from exc
+            except StoreError as exc:
+                raise ApiError(
+                    "tuner_load_failed",
+                    f"task {name!r} v{version} is not loaded and the store failed: {exc}",
+                    task=name,
+                ) from exc
+            data, info = stored.data, stored.info
+            refused = self._unloadable.get((name, version))
+            if refused is not None and refused[0] == info.sha256:
+                # Admission is deterministic for given bytes and backbone: do not pay for it
+                # again on every request naming this version.
+                raise _unloadable(info, refused[1], refused[2])
+            try:
+                module = await asyncio.to_thread(self._build, data, info.sha256)
+            except ArtifactError as exc:
+                log.warning("tuner %s v%d is unloadable: %s", name, version, exc.message)
+                self._unloadable[(name, version)] = (info.sha256, exc.code, exc.message)
+                raise _unloadable(info, exc.code, exc.message) from None
+            return self._install(name, info, module, started, generation)
+
+    def _install(
+        self, name: str, info: VersionInfo, module: TaskModule, started: float, generation: int
+    ) -> LoadedTuner:
+        """Put a built module into the loaded set; the caller holds ``name``'s lock.
+
+        ``started``: when its load began (for the metric); ``generation``: the name's
+        generation then (a delete since means the result is thrown away)."""
+        if self._generation.get(name, 0) != generation or self._closed:
+            # Deleted while we were loading: do not bring it back.
+            raise ApiError("unknown_task", f"no task named {name!r} is registered", task=name)
+        loaded = LoadedTuner(
+            name=name,
+            version=info.version,
+            sha256=info.sha256,
+            config=module.config,
+            module=module,
+            nbytes=module_nbytes(module),
+            info=info,
+        )
+        key = (name, info.version)
+        self._configs[name] = (info.sha256, module.config)
+        self._loaded[key] = loaded
+        self._loaded_bytes += loaded.nbytes
+        self._evict(keep=key)
+        if self.metrics is not None:
+            self.metrics.tuner_load.observe(time.perf_counter() - started)
+        self._report()
+        log.info("loaded tuner %s v%d (%d bytes)", name, info.version, loaded.nbytes)
+        return loaded
 
     def _build(self, data: bytes, sha256: str | None = None) -> TaskModule:
         """Validate, admit (against this backbone, with a dry run) and build a task module on
@@ -515,13 +524,16 @@ class TunerRegistry:
 
     # ------------------------------------------------------------------ admin
 
-    async def register(self, name: str, data: bytes) -> tuple[VersionInfo, bool]:
+    async def register(
+        self, name: str, data: bytes, *, sha256: str | None = None
+    ) -> tuple[VersionInfo, bool]:
         """Validate and store an artifact as the new current version of ``name``, and load it.
 
         Returns (version info, created); ``created`` is False when identical bytes already
         were a version of ``name`` (that version is current again). Uploads of identical
         bytes to one name while one is in progress wait for it and share its outcome: one
-        validation, one version, one load.
+        validation, one version, one load. ``sha256``: the digest of ``data`` if the caller
+        already computed it (the upload route does for quotas); the bytes are hashed once.
         """
         # The name first: a bad one ("..", "A", 65 characters) is the caller's real mistake,
         # and a valid artifact would otherwise be answered "upload it under its own name".
@@ -530,7 +542,7 @@ class TunerRegistry:
         except InvalidName as exc:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
-        digest = await sha256_of(data)
+        digest = sha256 if sha256 is not None else await sha256_of(data)
         key = (name, digest)
         flight = self._registering.get(key)
         if flight is not None:
@@ -558,6 +570,7 @@ class TunerRegistry:
         admitted against the running backbone (built and dry-run) before anything is stored;
         the admitted module is what gets loaded, not a second build.
         """
+        started = time.perf_counter()
         try:
             admitted = await asyncio.to_thread(
                 admit,
@@ -590,14 +603,11 @@ class TunerRegistry:
                 self._count_registration(exc.code)
                 raise self._store_error(exc, name) from exc
             self.store_ok = True
-        loaded = await self._load(
-            name,
-            result.info.version,
-            data,
-            result.info,
-            generation=generation,
-            module=admitted.module,
-        )
+            # Installed under the same lock as the put: a refresh started by the store's own
+            # event for this version waits, then finds it loaded (no second read or build).
+            loaded = self._loaded.get((name, result.info.version)) or self._install(
+                name, result.info, admitted.module, started, generation
+            )
         if self._generation.get(name, 0) == generation:
             self._swap(name, result.info, ours=True)
         self._count_registration("created" if result.created else "unchanged")
@@ -812,6 +822,10 @@ class TunerRegistry:
                 sha256=stored.info.sha256,
             )
             config = header.config
+        except ArtifactError as exc:
+            log.warning("config of %s v%d is invalid: %s", info.name, info.version, exc.message)
+            self._config_errors[info.name] = (info.sha256, exc.code, exc.message)
+            return None
         except StoreError as exc:
             log.info("config of %s v%d unavailable: %s", info.name, info.version, exc)
             return None
@@ -819,6 +833,14 @@ class TunerRegistry:
         return config
 
     # ------------------------------------------------------------------ index mirroring
+
+    def config_error(self, info: VersionInfo) -> ApiError | None:
+        """``tuner_unloadable`` when the config of ``info``'s artifact was found invalid here
+        (a listing shows it without a config); ``None`` when it was read or never tried."""
+        found = self._config_errors.get(info.name)
+        if found is None or found[0] != info.sha256:
+            return None
+        return _unloadable(info, found[1], found[2])
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -1046,6 +1068,18 @@ class TunerRegistry:
     def loaded_tuners(self) -> Iterable[LoadedTuner]:
         """Loaded versions, least recently used first."""
         return list(self._loaded.values())
+
+
+def _unloadable(info: VersionInfo, code: str, message: str) -> ApiError:
+    """The error a stored version that fails validation or admission here answers with
+    (``code``/``message``: the artifact's :class:`ArtifactError`)."""
+    return ApiError(
+        "tuner_unloadable",
+        f"task {info.name!r} v{info.version} cannot be loaded on this server ({code}): {message}",
+        task=info.name,
+        version=info.version,
+        artifact_code=code,
+    )
 
 
 async def sha256_of(data: bytes) -> str:

@@ -8,6 +8,7 @@ payload whose unpickling would create a directory, so a test can prove nothing u
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
@@ -148,3 +149,80 @@ def sized(backbone: BackboneLike, name: str, total: int) -> bytes:
     """A valid artifact padded past ``total`` bytes (trailing bytes; the size check comes first)."""
     data = valid(name, backbone)
     return data + b"\x00" * max(0, total - len(data))
+
+
+# -- artifacts that are well-formed but lie about the backbone, or carry bad numbers ---------
+
+
+def lying_depth(name: str, backbone: BackboneLike, depth: int = 20) -> bytes:
+    """The server's fingerprint (as ``/readyz`` shows it) with a config claiming ``depth``
+    blocks and a bypass over all of them: self-consistent tensors, wrong backbone."""
+    liar = FakeBackboneRef(
+        dim=backbone.dim, depth=depth, arch=backbone.arch, fingerprint=backbone.fingerprint
+    )
+    config = make_config(name, liar)
+    return pack_artifact(config, random_arrays(config, seed=3))
+
+
+def lying_dim(name: str, backbone: BackboneLike, dim: int = 8) -> bytes:
+    """The server's fingerprint with a config (and tensors) of width ``dim``."""
+    liar = FakeBackboneRef(
+        dim=dim, depth=backbone.depth, arch=backbone.arch, fingerprint=backbone.fingerprint
+    )
+    config = make_config(name, liar)
+    return pack_artifact(config, random_arrays(config, seed=4))
+
+
+def config_value(name: str, backbone: BackboneLike, path: tuple[str, ...], raw: str) -> bytes:
+    """A valid artifact whose ``restune.config`` has the JSON text ``raw`` at ``path`` (e.g.
+    ``("bypass", "scale")`` and ``"NaN"``): written by hand, since the config model refuses it."""
+    header, payload = split(valid(name, backbone))
+    meta = header["__metadata__"]
+    doc = json.loads(meta["restune.config"])
+    marker = "__raw_value__"
+    node = doc
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = marker
+    meta["restune.config"] = json.dumps(doc).replace(f'"{marker}"', raw)
+    return join(header, payload)
+
+
+def overflowing(name: str, backbone: BackboneLike) -> bytes:
+    """Every value finite and under the value bound, scale at its bound: the bypass's
+    activations still overflow float32 on the first input (only a dry run shows it)."""
+    config = make_config(name, backbone, scale=1000.0)
+    arrays = {k: np.full_like(v, 1e6) for k, v in random_arrays(config, seed=1).items()}
+    return pack_artifact(config, arrays)
+
+
+def raw_header_edit(name: str, backbone: BackboneLike, old: str, new: str) -> bytes:
+    """A valid artifact whose header text has ``old`` replaced by ``new`` once (for what a JSON
+    writer would not produce: 5000-digit integers, ``NaN``, lone surrogate escapes)."""
+    header, payload = split(valid(name, backbone))
+    text = json.dumps(header)
+    assert old in text, old
+    raw = text.replace(old, new, 1).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+def huge_shape_list(name: str, backbone: BackboneLike, dims: int = 40_000) -> bytes:
+    """``head.bias`` with a shape of ``dims`` dimensions of 10**18 each (~780 KB of header)."""
+    header, payload = split(valid(name, backbone))
+    header["head.bias"]["shape"] = [10**18] * dims
+    return join(header, payload)
+
+
+def many_tensors(name: str, backbone: BackboneLike, count: int = 5000) -> bytes:
+    """``count`` extra zero-size tensors (each entry is valid on its own)."""
+    header, payload = split(valid(name, backbone))
+    end = len(payload)
+    for i in range(count):
+        header[f"extra.{i}"] = {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}
+    return join(header, payload)
+
+
+def deep_header(depth: int = 100_000) -> bytes:
+    """A header object whose one value is ``depth`` nested arrays."""
+    return header_of(b'{"__metadata__": ' + b"[" * depth + b"]" * depth + b"}")

@@ -10,9 +10,12 @@ import struct
 import zipfile
 from typing import Any
 
+import hypothesis
 import numpy as np
 import pytest
 import safetensors.numpy
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.tuners_store.artifact_factory import (
     ARCH,
@@ -221,6 +224,194 @@ def test_duplicate_header_keys() -> None:
 )
 def test_bad_header(mutate: Any, needle: str) -> None:
     assert needle in expect("artifact_bad_header", _with_header(mutate)).message
+
+
+def _raw_edit(old: str, new: str, data: bytes | None = None) -> bytes:
+    """The header's JSON text with ``old`` replaced by ``new`` once (what a JSON writer would
+    not produce: 5000-digit integers, NaN, lone surrogate escapes)."""
+    header, payload = split(data or make_artifact())
+    text = json.dumps(header)
+    assert old in text, old
+    raw = text.replace(old, new, 1).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+def _extra_tensors(count: int) -> Any:
+    def mutate(h: dict[str, Any]) -> None:
+        for i in range(count):
+            h[f"extra.{i}"] = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        # Each would cost seconds or raise something else than ArtifactError without its bound.
+        (
+            lambda: _with_header(lambda h: h["head.bias"].update({"shape": [10**18] * 40_000})),
+            "at most 4 dimensions",
+        ),
+        (
+            lambda: _with_header(lambda h: h["head.bias"].update({"shape": [2**40]})),
+            "every dimension",
+        ),
+        (
+            lambda: _with_header(lambda h: h["head.weight"].update({"shape": [2**24, 2**24]})),
+            "more values than the file",
+        ),
+        (
+            lambda: _raw_edit('"data_offsets": [0,', '"data_offsets": [' + "9" * 5000 + ","),
+            "5000-digit",
+        ),
+        (
+            lambda: _raw_edit('"data_offsets": [0,', '"data_offsets": [-' + "9" * 30 + ","),
+            "31-digit",
+        ),
+        (lambda: _raw_edit('"data_offsets": [0,', '"data_offsets": [NaN,'), "NaN"),
+        (lambda: _raw_edit('"data_offsets": [0,', '"data_offsets": [-Infinity,'), "Infinity"),
+        (lambda: _raw_edit('"head.bias"', '"head.bias\\ud800"'), "valid Unicode"),
+        (
+            lambda: _raw_edit('"restune.format"', '"\\udc00": "1", "restune.format"'),
+            "valid Unicode",
+        ),
+        (
+            lambda: _raw_edit('"restune.format": "1"', '"restune.format": "1\\ud83d"'),
+            "valid Unicode",
+        ),
+        (
+            lambda: _with_header(
+                lambda h: h["__metadata__"].update({f"k{i}": "v" for i in range(63)})
+            ),
+            "65 entries; at most 64",
+        ),
+        (lambda: _with_header(_extra_tensors(4097)), "at most 4096"),
+        (lambda: _with_header(lambda h: h.update({"x" * 257: h.pop("head.bias")})), "characters"),
+        (
+            lambda: _with_header(lambda h: h["head.bias"].update({"shape": [[[3]]]})),
+            "every dimension",
+        ),
+        (
+            lambda: _raw_edit(
+                '"__metadata__": {',
+                '"deep": ' + "[" * 50_000 + "]" * 50_000 + ', "__metadata__": {',
+            ),
+            "nested too deeply",
+        ),
+    ],
+    ids=[
+        "40000-dims",
+        "huge-dim",
+        "product-past-file",
+        "5000-digit-offset",
+        "31-digit-negative",
+        "nan-constant",
+        "infinity-constant",
+        "lone-surrogate-tensor-name",
+        "lone-surrogate-metadata-key",
+        "lone-surrogate-metadata-value",
+        "65-metadata-entries",
+        "4097-tensors-past-the-contract",
+        "257-char-tensor-name",
+        "nested-shape",
+        "50000-deep",
+    ],
+)
+def test_header_bounds(data: Any, needle: str) -> None:
+    err = expect("artifact_bad_header", data())
+    assert needle in err.message, err.message
+    err.message.encode("utf-8")  # every message can be written back (no lone surrogate)
+
+
+def test_a_lone_surrogate_in_the_config_is_a_bad_config() -> None:
+    # Escaped once more: the config is a JSON string inside the header's JSON.
+    data = _raw_edit('\\"labels\\":[\\"cat', '\\"labels\\":[\\"\\\\udfff')
+    expect("artifact_bad_config", data)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "needle"),
+    [
+        (("bypass", "scale"), "NaN", "finite"),
+        (("bypass", "scale"), "1e38", "less than or equal to 1000"),
+        (("bypass", "scale"), "-1e4", "greater than or equal to -1000"),
+        (("bypass", "lam"), "Infinity", "finite"),
+        (("training", "val_score"), "NaN", "finite"),
+        (("training", "extra"), '{"loss": 1e300}', "within"),
+        (("training", "extra"), json.dumps({f"m{i}": 1.0 for i in range(65)}), "at most 64"),
+        (("training", "epochs"), "-1", "greater than or equal to 0"),
+        (("created_at",), json.dumps("x" * 65), "at most 64"),
+    ],
+)
+def test_config_numbers_are_finite_and_bounded(
+    path: tuple[str, ...], raw: str, needle: str
+) -> None:
+    def mutate(h: dict[str, Any]) -> None:
+        doc = json.loads(h["__metadata__"]["restune.config"])
+        node = doc
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = "__raw__"
+        h["__metadata__"]["restune.config"] = json.dumps(doc).replace('"__raw__"', raw)
+
+    err = expect("artifact_bad_config", _with_header(mutate))
+    assert needle in err.message, err.message
+
+
+def _refusal(data: bytes) -> ArtifactError | None:
+    """The validator's refusal of ``data``, or None if it passed; anything else propagates
+    (and fails the test)."""
+    try:
+        validate_artifact(data)
+    except ArtifactError as exc:
+        return exc
+    return None
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    target=st.sampled_from(
+        ["__metadata__", "head.bias", "head.weight", "bypass.lateral.1.w1", "new"]
+    ),
+    field=st.sampled_from(["dtype", "shape", "data_offsets", None]),
+    value=_JSON,
+)
+def test_generated_headers_raise_only_artifact_errors(
+    target: str, field: str | None, value: Any
+) -> None:
+    header, payload = split(make_artifact())
+    if field is None or target not in header or target == "__metadata__":
+        header[target] = value
+    else:
+        header[target][field] = value
+    err = _refusal(join(header, payload))
+    if err is not None:
+        assert err.code.startswith("artifact_"), err.code
+        err.message.encode("utf-8")  # writable back as UTF-8 (no lone surrogate)
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(data=st.binary(max_size=64), cut=st.integers(min_value=0, max_value=4000))
+def test_generated_bytes_raise_only_artifact_errors(data: bytes, cut: int) -> None:
+    valid = make_artifact()
+    for blob in (data, valid[:cut] + data, struct.pack("<Q", len(data)) + data):
+        err = _refusal(blob)
+        if err is not None:
+            err.message.encode("utf-8")
 
 
 def test_bad_config_summarises_pydantic_errors() -> None:
