@@ -75,6 +75,14 @@ def png_header_bomb(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
     )
 
 
+def png_strip(width: int, height: int = 1) -> bytes:
+    """A complete, valid PNG of a black ``width`` x ``height`` strip: a few hundred bytes whose
+    resize to the model's short side would need gigabytes (100000 x 1: ~26 GB)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def jpeg_with_size(width: int, height: int) -> bytes:
     """A real JPEG whose frame header (SOF0) is rewritten to declare ``width`` x ``height``."""
     data = bytearray(encode("JPEG", 1))

@@ -180,6 +180,19 @@ IMAGE_CASES = [
         {"image": 0},
     ),
     Case(
+        "png-strip-100000x1",
+        form_with(img.png_strip(100_000)),
+        422,
+        "image_aspect_ratio",
+        {"image": 0},
+    ),
+    Case(
+        "png-strips-3000x1",
+        form_with(good_png(), *[img.png_strip(3000)] * 7),
+        422,
+        "image_aspect_ratio",
+    ),
+    Case(
         "jpeg-65000x65000",
         form_with(img.jpeg_with_size(65_000, 65_000)),
         413,
