@@ -93,6 +93,7 @@ def open_checked(
                 f"the limit is {max_pixels}",
                 image=index,
             )
+        _check_tiff_tiles(img, index)
         if max(width, height) > max_aspect_ratio * min(width, height):
             raise ApiError(
                 "image_aspect_ratio",
@@ -104,6 +105,36 @@ def open_checked(
         img.close()
         raise
     return img
+
+
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
+MIN_TILE_PIXELS_ALLOWED = 256 * 256
+"""Tiles up to this many pixels always pass (a thumbnail in one 256 x 256 tile is normal)."""
+
+
+def _check_tiff_tiles(img: Image.Image, index: int) -> None:
+    """Refuse TIFF tiles larger than the image could need (``image_too_large``).
+
+    libtiff allocates one whole tile per read, whatever the image's declared size: a 65 KB
+    file declaring 16 x 16 pixels in one 8192 x 8192 deflated tile costs 64 MB, and a 2 MB
+    one 2 GB. A tile may overhang the image (tiles come in multiples of 16), so tiles up to
+    4x the image's pixels, or 256 x 256, pass. Strips need no check: libtiff clamps a strip's
+    rows to the image's.
+    """
+    if img.format != "TIFF":
+        return
+    tags = getattr(img, "tag_v2", {})
+    tile_w, tile_h = tags.get(TIFF_TILE_WIDTH), tags.get(TIFF_TILE_LENGTH)
+    if not isinstance(tile_w, int) or not isinstance(tile_h, int):
+        return
+    width, height = img.size
+    if tile_w * tile_h > max(4 * width * height, MIN_TILE_PIXELS_ALLOWED):
+        raise ApiError(
+            "image_too_large",
+            f"image {index} is {width}x{height} pixels stored in {tile_w}x{tile_h} TIFF tiles; "
+            f"tiles may hold at most {max(4 * width * height, MIN_TILE_PIXELS_ALLOWED)} pixels",
+            image=index,
+        )
 
 
 @contextmanager

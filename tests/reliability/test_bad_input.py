@@ -193,6 +193,13 @@ IMAGE_CASES = [
         "image_aspect_ratio",
     ),
     Case(
+        "tiff-tile-bomb",
+        form_with(img.tiled_tiff(16, 16, 8192)),
+        413,
+        "image_too_large",
+        {"image": 0},
+    ),
+    Case(
         "jpeg-65000x65000",
         form_with(img.jpeg_with_size(65_000, 65_000)),
         413,
