@@ -106,6 +106,19 @@ def tiled_tiff(width: int, height: int, tile: int) -> bytes:
     return bytes(out + struct.pack("<I", 0) + body)
 
 
+def jpeg_scan_bomb(scans: int, side: int = 1024) -> bytes:
+    """A real progressive JPEG of a flat ``side`` x ``side`` picture whose last scan (14 bytes)
+    is repeated until it has ``scans`` scans: each costs libjpeg a pass over every block."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(
+        buffer, format="JPEG", quality=90, progressive=True
+    )
+    data = buffer.getvalue()
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    have = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * (scans - have) + data[end:]
+
+
 def jpeg_with_size(width: int, height: int) -> bytes:
     """A real JPEG whose frame header (SOF0) is rewritten to declare ``width`` x ``height``."""
     data = bytearray(encode("JPEG", 1))

@@ -200,6 +200,13 @@ IMAGE_CASES = [
         {"image": 0},
     ),
     Case(
+        "jpeg-scan-bomb",
+        form_with(img.jpeg_scan_bomb(2000)),
+        413,
+        "image_too_large",
+        {"image": 0},
+    ),
+    Case(
         "jpeg-65000x65000",
         form_with(img.jpeg_with_size(65_000, 65_000)),
         413,

@@ -16,11 +16,11 @@ from PIL import Image
 
 from restuning.preprocess import PreprocessMode, preprocess
 from restuning.presets import PRESETS
-from server.engine.decode import decode_image, input_digest, prepare_image
+from server.engine.decode import MAX_JPEG_SCANS, decode_image, input_digest, prepare_image
 from server.errors import ApiError
 from tests.fixtures.memory import peak_rss_growth
 from tests.fixtures.models import tiny_image
-from tests.reliability.bad_images import tiled_tiff
+from tests.reliability.bad_images import jpeg_scan_bomb, tiled_tiff
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 20}
 
@@ -207,6 +207,17 @@ def test_tiff_tiles_larger_than_the_image_needs_are_refused() -> None:
     # A thumbnail in one ordinary 256 x 256 tile decodes.
     pixels = prepare_image(tiled_tiff(200, 120, 256), 0, DINO, **LIMITS)
     assert pixels.shape == (3, 224, 224)
+
+
+def test_jpegs_with_more_scans_than_encoders_write_are_refused() -> None:
+    ordinary = encode(tiny_image(2, size=(64, 64)), "JPEG", quality=90, progressive=True)
+    assert 1 < ordinary.count(b"\xff\xda") <= 16
+    assert prepare_image(ordinary, 0, DINO, **LIMITS).shape == (3, 224, 224)
+    assert prepare_image(jpeg_scan_bomb(MAX_JPEG_SCANS), 0, DINO, **LIMITS).shape == (3, 224, 224)
+    with pytest.raises(ApiError) as err:
+        prepare_image(jpeg_scan_bomb(MAX_JPEG_SCANS + 1), 4, DINO, **LIMITS)
+    assert (err.value.code, err.value.extra) == ("image_too_large", {"image": 4})
+    assert f"{MAX_JPEG_SCANS + 1} JPEG scans" in err.value.detail
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
