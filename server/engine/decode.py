@@ -242,7 +242,7 @@ def prepare_image(
     ):
         img.seek(0)
         pixels = crop_pixels(img, data_config, mode)  # (H, W, 3) uint8
-    return normalise(torch.from_numpy(pixels), data_config)
+    return normalise(pixels, data_config)
 
 
 def input_digest(pixels: torch.Tensor) -> str:
