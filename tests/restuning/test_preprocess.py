@@ -12,11 +12,11 @@ from PIL import Image
 from skimage import data
 
 from restuning.preprocess import (
-    resized_size,
     crop_box,
     crop_pixels,
     preprocess,
     preprocess_batch,
+    resized_size,
 )
 from restuning.presets import PRESETS, DataConfig, Interpolation
 from tests.fixtures.models import tiny_images
