@@ -14,7 +14,7 @@ Two modes (:data:`PreprocessMode`):
 - ``exact``: the full-resolution pixels, resampled with the backbone's filter: timm's pixels.
 - ``fast``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose image still
   covers the resize (``Image.draft``), and large shrinks first average pixel blocks
-  (``reducing_gap``), which makes a 12 MP JPEG ~9x cheaper; pixels move by a few grey
+  (``reducing_gap``): a 12 MP JPEG costs 16 ms of CPU instead of 112; pixels move by a few grey
   levels (bench/ingest.py measures by how much, and what it does to features).
 
 PIL + numpy only; the per-pixel work happens in C.
