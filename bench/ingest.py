@@ -88,7 +88,7 @@ def whole_image(data: bytes, dc: DataConfig) -> tuple[torch.Tensor, str]:
     left, top = round((size[0] - out_w) / 2.0), round((size[1] - out_h) / 2.0)
     crop = np.array(resized.crop((left, top, left + out_w, top + out_h)), dtype=np.uint8)
     digest = hashlib.sha256(f"{img.width}x{img.height}:RGB:".encode() + img.tobytes())
-    return normalise(torch.from_numpy(crop), dc), digest.hexdigest()
+    return normalise(crop, dc), digest.hexdigest()
 
 
 def cropped(data: bytes, dc: DataConfig, mode: PreprocessMode) -> tuple[torch.Tensor, str]:
@@ -149,6 +149,8 @@ def _breakdown(dc: DataConfig, data: bytes, repeats: int) -> dict[str, float]:
 
 _CHILD = """
 import io, json, resource, sys, time
+import torch
+torch.set_num_threads(1)
 from pathlib import Path
 from PIL import Image
 from restuning.presets import PRESETS

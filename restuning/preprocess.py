@@ -14,7 +14,7 @@ Two modes (:data:`PreprocessMode`):
 - ``exact``: the full-resolution pixels, resampled with the backbone's filter: timm's pixels.
 - ``fast``: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose image still
   covers the resize (``Image.draft``), and large shrinks first average pixel blocks
-  (``reducing_gap``), which makes a 12 MP JPEG ~9x cheaper; pixels move by a few grey
+  (``reducing_gap``): a 12 MP JPEG costs 16 ms of CPU instead of 112; pixels move by a few grey
   levels (bench/ingest.py measures by how much, and what it does to features).
 
 PIL + numpy only; the per-pixel work happens in C.
@@ -100,6 +100,9 @@ def to_rgb(img: Image.Image, window: tuple[int, int, int, int] | None = None) ->
     levels are scaled (by the whole image's range, so a crop keeps them), not clipped."""
     if window is None:
         window = (0, 0, img.width, img.height)
+    if img.mode == "RGB":
+        # Already RGB: resampling reads the window from the image itself, no copy needed.
+        return img if window == (0, 0, img.width, img.height) else img.crop(window)
     if img.mode.startswith("I") or img.mode == "F":
         lo, hi = img.getextrema()
         assert isinstance(lo, int | float)
@@ -113,11 +116,10 @@ def to_rgb(img: Image.Image, window: tuple[int, int, int, int] | None = None) ->
             peak = float(hi)
             top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
         grey *= np.float32(255.0 / top)
+        np.nan_to_num(grey, copy=False, nan=0.0)  # a float TIFF may hold NaN: black, not junk
         np.rint(grey, out=grey)
         np.clip(grey, 0, 255, out=grey)
         return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
-    if img.mode == "RGB":
-        return img if window == (0, 0, img.width, img.height) else img.crop(window)
     return img.crop(window).convert("RGB")
 
 
@@ -128,8 +130,9 @@ def crop_pixels(
 
     ``img`` may be freshly opened and not loaded yet: ``fast`` mode then lets a JPEG decode
     at a reduced scale. Memory is the decoded image (at most 4 bytes a pixel in PIL), one
-    RGB copy of the crop window (none for RGB images), and the output: nothing scales with
-    the resized size. Animated and multi-page files give their current frame.
+    RGB copy of the crop window plus the filter's margin (none for RGB images in ``fast``
+    mode), and the output: nothing scales with the resized size. Animated and multi-page
+    files give their current frame.
     """
     if mode not in PREPROCESS_MODES:
         raise ValueError(f"unknown preprocess mode {mode!r}; use one of {PREPROCESS_MODES}")
@@ -144,11 +147,16 @@ def crop_pixels(
             scale = drafted[1][2] / width  # the draft's extent of the original image
             box = (box[0] * scale, box[1] * scale, box[2] * scale, box[3] * scale)
     img.load()
-    window = _window(
-        box, img.width, img.height, (out_w, out_h), _SUPPORT[data_config.interpolation]
-    )
-    rgb = to_rgb(img, window)
-    if rgb.size != img.size:  # cropped to the window: the box moves with it
+    if img.mode == "RGB" and mode == "fast":
+        rgb = img  # resampled in place, no copy; see below for what exact mode pays for
+    else:
+        # PIL takes the box in float32: far from the origin its corners move by ~1e-5 pixel,
+        # enough to flip a fixed-point weight and a grey level on ~7% of the values. Relative
+        # to a window cut just around the box they stay within ~1e-6 (a flip on ~0.01%).
+        window = _window(
+            box, img.width, img.height, (out_w, out_h), _SUPPORT[data_config.interpolation]
+        )
+        rgb = to_rgb(img, window)
         box = (box[0] - window[0], box[1] - window[1], box[2] - window[0], box[3] - window[1])
     out = rgb.resize(
         (out_w, out_h),
@@ -159,19 +167,26 @@ def crop_pixels(
     return np.array(out, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
 
-def normalise(pixels: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32, (x / 255 - mean) / std."""
-    mean = torch.tensor(data_config.mean, dtype=torch.float32) * 255.0
-    inv_std = 1.0 / (torch.tensor(data_config.std, dtype=torch.float32) * 255.0)
-    out = (pixels.to(torch.float32) - mean) * inv_std  # (..., H, W, 3)
-    return out.movedim(-1, -3).contiguous()
+def normalise(pixels: np.ndarray, data_config: DataConfig) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32, (x / 255 - mean) / std.
+
+    In numpy, single-threaded: torch would split a 224 x 224 image over its intra-op threads,
+    which decode threads running beside the backbone's forward only oversubscribe (measured:
+    3 ms of CPU with one thread, ~25 ms with two on a busy 2-core machine).
+    """
+    mean = np.asarray(data_config.mean, dtype=np.float32) * np.float32(255.0)
+    inv_std = np.float32(1.0) / (np.asarray(data_config.std, dtype=np.float32) * np.float32(255.0))
+    out = pixels.astype(np.float32)  # (..., H, W, 3)
+    out -= mean
+    out *= inv_std
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(out, -1, -3)))
 
 
 def preprocess(
     img: Image.Image, data_config: DataConfig, mode: PreprocessMode = "exact"
 ) -> torch.Tensor:  # (3, H, W)
     """One PIL image as the backbone's normalised float32 input."""
-    return normalise(torch.from_numpy(crop_pixels(img, data_config, mode)), data_config)
+    return normalise(crop_pixels(img, data_config, mode), data_config)
 
 
 def preprocess_batch(
@@ -181,4 +196,4 @@ def preprocess_batch(
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
     pixels = np.stack([crop_pixels(img, data_config, mode) for img in images])  # (B, H, W, 3)
-    return normalise(torch.from_numpy(pixels), data_config)
+    return normalise(pixels, data_config)

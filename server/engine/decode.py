@@ -93,6 +93,8 @@ def open_checked(
                 f"the limit is {max_pixels}",
                 image=index,
             )
+        _check_tiff_tiles(img, index)
+        _check_jpeg_scans(img, data, index)
         if max(width, height) > max_aspect_ratio * min(width, height):
             raise ApiError(
                 "image_aspect_ratio",
@@ -104,6 +106,64 @@ def open_checked(
         img.close()
         raise
     return img
+
+
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
+MIN_TILE_PIXELS_ALLOWED = 256 * 256
+"""Tiles up to this many pixels always pass (a thumbnail in one 256 x 256 tile is normal)."""
+
+
+def _check_tiff_tiles(img: Image.Image, index: int) -> None:
+    """Refuse TIFF tiles larger than the image could need (``image_too_large``).
+
+    libtiff allocates one whole tile per read, whatever the image's declared size: a 65 KB
+    file declaring 16 x 16 pixels in one 8192 x 8192 deflated tile costs 64 MB, and a 2 MB
+    one 2 GB. A tile may overhang the image (tiles come in multiples of 16), so tiles up to
+    4x the image's pixels, or 256 x 256, pass. Strips need no check: libtiff clamps a strip's
+    rows to the image's.
+    """
+    if img.format != "TIFF":
+        return
+    tags = getattr(img, "tag_v2", {})
+    tile_w, tile_h = tags.get(TIFF_TILE_WIDTH), tags.get(TIFF_TILE_LENGTH)
+    if not isinstance(tile_w, int) or not isinstance(tile_h, int):
+        return
+    width, height = img.size
+    if tile_w * tile_h > max(4 * width * height, MIN_TILE_PIXELS_ALLOWED):
+        raise ApiError(
+            "image_too_large",
+            f"image {index} is {width}x{height} pixels stored in {tile_w}x{tile_h} TIFF tiles; "
+            f"tiles may hold at most {max(4 * width * height, MIN_TILE_PIXELS_ALLOWED)} pixels",
+            image=index,
+        )
+
+
+MAX_JPEG_SCANS = 64
+"""Scans a JPEG may have: progressive encoders write ~10, mozjpeg's tuned ones a few more.
+At 64 a 40 MP image costs at most ~1.5 s of decoding (measured: a 2000 x 2000 JPEG of
+14-byte scans takes 2.3 ms a scan)."""
+
+_JPEG_SOS = b"\xff\xda"
+
+
+def _check_jpeg_scans(img: Image.Image, data: bytes, index: int) -> None:
+    """Refuse JPEGs with more scans than any encoder writes (``image_too_large``).
+
+    libjpeg passes over every coefficient block of a component once per progressive scan,
+    and a scan can be 14 bytes: 31 KB of them (500 scans at 2000 x 2000) cost 1.2 s of CPU,
+    16 MB of them most of an hour. Entropy-coded data
+    escapes 0xFF, so counting start-of-scan markers counts scans (an EXIF thumbnail adds its
+    own; MPO's extra pictures theirs).
+    """
+    if img.format not in ("JPEG", "MPO"):
+        return
+    scans = data.count(_JPEG_SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise ApiError(
+            "image_too_large",
+            f"image {index} has {scans} JPEG scans; at most {MAX_JPEG_SCANS} are decoded",
+            image=index,
+        )
 
 
 @contextmanager
@@ -182,7 +242,7 @@ def prepare_image(
     ):
         img.seek(0)
         pixels = crop_pixels(img, data_config, mode)  # (H, W, 3) uint8
-    return normalise(torch.from_numpy(pixels), data_config)
+    return normalise(pixels, data_config)
 
 
 def input_digest(pixels: torch.Tensor) -> str:

@@ -55,7 +55,7 @@ class BatchItem:
 
     pixels: torch.Tensor  # (3, H, W) float32, normalised
     digest: str
-    """Pixel digest: the feature cache key."""
+    """Digest of the backbone input (``input_digest``): the feature cache key."""
     tuners: tuple[LoadedTuner, ...]
     """Distinct task names; each answer is keyed by ``tuner.name``."""
     top_k: int

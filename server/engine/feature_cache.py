@@ -1,8 +1,8 @@
 """An LRU of per-image backbone features, bounded in bytes: a hit skips the backbone.
 
-Key: (pixel digest, backbone fingerprint, token selection). Value: the detached features of
-one image, (L', N', D), and the layers they hold. An entry serves a lookup when its layers
-include the needed ones; an all-token entry also serves a CLS-only lookup. Entries of one
+Key: (digest of the backbone input, backbone fingerprint, token selection). Value: the detached
+features of one image, (L', N', D), and the layers they hold. An entry serves a lookup when its
+layers include the needed ones; an all-token entry also serves a CLS-only lookup. Entries of one
 image under one key are merged when a later batch captured other layers, so the cache
 converges on the union the traffic needs instead of holding near-duplicates.
 """

@@ -75,6 +75,50 @@ def png_header_bomb(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
     )
 
 
+def png_strip(width: int, height: int = 1) -> bytes:
+    """A complete, valid PNG of a black ``width`` x ``height`` strip: a few hundred bytes whose
+    resize to the model's short side would need gigabytes (100000 x 1: ~26 GB)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """A valid greyscale TIFF of ``width`` x ``height`` in one deflated ``tile`` x ``tile``
+    tile of zeros (PIL does not write tiled TIFFs, so the file is built by hand)."""
+    body = zlib.compress(b"\x00" * (tile * tile), 9)
+    entries = [  # (tag, type: 3 SHORT / 4 LONG, value), in tag order
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),  # bits per sample
+        (259, 3, 8),  # deflate
+        (262, 3, 1),  # black is zero
+        (277, 3, 1),  # samples per pixel
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8 + 2 + 12 * 10 + 4),  # the tile's offset: right after the IFD
+        (325, 4, len(body)),
+    ]
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    for tag, kind, value in entries:
+        out += struct.pack("<HHI", tag, kind, 1)
+        out += struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+    return bytes(out + struct.pack("<I", 0) + body)
+
+
+def jpeg_scan_bomb(scans: int, side: int = 1024) -> bytes:
+    """A real progressive JPEG of a flat ``side`` x ``side`` picture whose last scan (14 bytes)
+    is repeated until it has ``scans`` scans: each costs libjpeg a pass over every block."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(
+        buffer, format="JPEG", quality=90, progressive=True
+    )
+    data = buffer.getvalue()
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    have = data.count(b"\xff\xda")
+    return data[:end] + data[last:end] * (scans - have) + data[end:]
+
+
 def jpeg_with_size(width: int, height: int) -> bytes:
     """A real JPEG whose frame header (SOF0) is rewritten to declare ``width`` x ``height``."""
     data = bytearray(encode("JPEG", 1))

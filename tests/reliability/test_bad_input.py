@@ -180,6 +180,33 @@ IMAGE_CASES = [
         {"image": 0},
     ),
     Case(
+        "png-strip-100000x1",
+        form_with(img.png_strip(100_000)),
+        422,
+        "image_aspect_ratio",
+        {"image": 0},
+    ),
+    Case(
+        "png-strips-3000x1",
+        form_with(good_png(), *[img.png_strip(3000)] * 7),
+        422,
+        "image_aspect_ratio",
+    ),
+    Case(
+        "tiff-tile-bomb",
+        form_with(img.tiled_tiff(16, 16, 8192)),
+        413,
+        "image_too_large",
+        {"image": 0},
+    ),
+    Case(
+        "jpeg-scan-bomb",
+        form_with(img.jpeg_scan_bomb(2000)),
+        413,
+        "image_too_large",
+        {"image": 0},
+    ),
+    Case(
         "jpeg-65000x65000",
         form_with(img.jpeg_with_size(65_000, 65_000)),
         413,

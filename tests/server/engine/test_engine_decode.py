@@ -16,10 +16,11 @@ from PIL import Image
 
 from restuning.preprocess import PreprocessMode, preprocess
 from restuning.presets import PRESETS
-from server.engine.decode import decode_image, input_digest, prepare_image
+from server.engine.decode import MAX_JPEG_SCANS, decode_image, input_digest, prepare_image
 from server.errors import ApiError
 from tests.fixtures.memory import peak_rss_growth
 from tests.fixtures.models import tiny_image
+from tests.reliability.bad_images import jpeg_scan_bomb, tiled_tiff
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 20}
 
@@ -192,6 +193,31 @@ def test_a_strip_past_the_limit_resamples_only_the_crop(mode: PreprocessMode) ->
     assert pixels.shape == (3, 224, 224)
     assert torch.isfinite(pixels).all()
     assert peak.bytes < 16 * MiB
+
+
+def test_tiff_tiles_larger_than_the_image_needs_are_refused() -> None:
+    # 16 x 16 pixels declared, one 8192 x 8192 tile: libtiff would allocate and inflate 64 MB.
+    data = tiled_tiff(16, 16, 8192)
+    assert len(data) < 100_000
+    with peak_rss_growth() as peak, pytest.raises(ApiError) as err:
+        prepare_image(data, 1, DINO, **LIMITS)
+    assert (err.value.code, err.value.extra) == ("image_too_large", {"image": 1})
+    assert "8192x8192 TIFF tiles" in err.value.detail
+    assert peak.bytes < 8 * MiB
+    # A thumbnail in one ordinary 256 x 256 tile decodes.
+    pixels = prepare_image(tiled_tiff(200, 120, 256), 0, DINO, **LIMITS)
+    assert pixels.shape == (3, 224, 224)
+
+
+def test_jpegs_with_more_scans_than_encoders_write_are_refused() -> None:
+    ordinary = encode(tiny_image(2, size=(64, 64)), "JPEG", quality=90, progressive=True)
+    assert 1 < ordinary.count(b"\xff\xda") <= 16
+    assert prepare_image(ordinary, 0, DINO, **LIMITS).shape == (3, 224, 224)
+    assert prepare_image(jpeg_scan_bomb(MAX_JPEG_SCANS), 0, DINO, **LIMITS).shape == (3, 224, 224)
+    with pytest.raises(ApiError) as err:
+        prepare_image(jpeg_scan_bomb(MAX_JPEG_SCANS + 1), 4, DINO, **LIMITS)
+    assert (err.value.code, err.value.extra) == ("image_too_large", {"image": 4})
+    assert f"{MAX_JPEG_SCANS + 1} JPEG scans" in err.value.detail
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:
