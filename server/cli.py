@@ -100,6 +100,7 @@ async def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.http_protocol import protocol_with_header_timeout
     from server.logging_config import configure_logging
 
     token = settings.admin_token.get_secret_value() if settings.admin_token else ""
@@ -114,6 +115,12 @@ async def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         server_header=False,
+        # Slow clients: headers have a deadline here, bodies in the body-limit middleware.
+        http=protocol_with_header_timeout(settings.request_header_timeout_s),
+        # Past this many connections + requests, uvicorn answers 503 instead of queueing
+        # without bound; per-client connection limits are the proxy's (docs/RELIABILITY.md).
+        limit_concurrency=settings.limit_concurrency or None,
+        backlog=settings.backlog,
     )
     server = _announcing_server_class()(config)
     await server.serve()

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from server.api.json_body import JsonBodyError, load_json
 from server.api.schemas import PredictJsonRequest
 from server.errors import ApiError
 from server.problems import validation_error
@@ -29,6 +30,13 @@ FORM_FIELDS = ("image", "tasks", "task", "top_k")
 MAX_FIELD_BYTES = 64 * 1024
 """Largest non-image form field (a task list of the longest allowed names fits many times)."""
 DEFAULT_TOP_K = 5
+MAX_BOUNDARY_BYTES = 70
+"""RFC 2046's longest multipart boundary."""
+_TOP_K_RE = re.compile(r"-?[0-9]{1,9}")
+"""A ``top_k`` form value: an integer small enough to compare (the service checks the range)."""
+MAX_JSON_TASKS = 1024
+"""A JSON task list longer than this is refused before validation (the service's own limit,
+``max_tasks_per_request``, is far lower and gives the precise error)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,12 @@ def too_many_images(limits: PredictLimits) -> ApiError:
         "too_many_images",
         f"at most {limits.max_images} images per request",
         limit=limits.max_images,
+    )
+
+
+def too_many_tasks(count: int, limits: PredictLimits) -> ApiError:
+    return ApiError(
+        "too_many_tasks", f"{count} tasks requested; at most {limits.max_tasks} per request"
     )
 
 
@@ -172,6 +186,8 @@ async def read_multipart(
     boundary = params.get(b"boundary")
     if not boundary:
         raise field_error("body", "multipart/form-data without a boundary parameter")
+    if len(boundary) > MAX_BOUNDARY_BYTES:
+        raise field_error("body", f"multipart boundary longer than {MAX_BOUNDARY_BYTES} bytes")
     form = _FormCollector(limits)
     callbacks: Any = {
         name: getattr(form, name)
@@ -186,12 +202,12 @@ async def read_multipart(
             "on_end",
         )
     }
-    parser = MultipartParser(boundary, callbacks)
     try:
+        parser = MultipartParser(boundary, callbacks)
         async for chunk in chunks:
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError and the parser's own limits
         raise field_error("body", f"malformed multipart body: {exc}") from exc
     if not form.finished:
         raise field_error("body", "multipart body ended before its closing boundary")
@@ -202,10 +218,11 @@ async def read_multipart(
     if len(top_k_values) > 1:
         raise field_error("top_k", "top_k given more than once")
     if top_k_values:
-        try:
-            top_k = int(top_k_values[0])
-        except ValueError as exc:
-            raise field_error("top_k", "top_k must be an integer", "int_parsing") from exc
+        # ASCII digits of bounded length: int() alone takes "\u0663" and 4,300 digits.
+        text = top_k_values[0].strip()
+        if not _TOP_K_RE.fullmatch(text):
+            raise field_error("top_k", "top_k must be an integer", "int_parsing")
+        top_k = int(text)
     tasks = task_names(form.fields.get("tasks", []) + form.fields.get("task", []))
     return PredictInput(form.images, tasks, top_k)
 
@@ -240,14 +257,16 @@ def decode_b64_image(text: str, index: int, limits: PredictLimits) -> bytes:
 def read_json(body: bytes, limits: PredictLimits) -> PredictInput:
     """Parse and check a JSON predict body."""
     try:
-        raw = json.loads(body)
-    # RecursionError: a few hundred kB of "[[[[..." nest deeper than the parser recurses.
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise field_error("body", f"body is not valid JSON: {exc}", "json_invalid") from exc
+        raw = load_json(body)
+    except JsonBodyError as exc:
+        raise field_error("body", str(exc), "json_invalid") from exc
     # Count before validating so a huge list is refused by its length, not item by item.
     images = raw.get("images") if isinstance(raw, dict) else None
     if isinstance(images, list) and len(images) > limits.max_images:
         raise too_many_images(limits)
+    raw_tasks = raw.get("tasks") if isinstance(raw, dict) else None
+    if isinstance(raw_tasks, list) and len(raw_tasks) > MAX_JSON_TASKS:
+        raise too_many_tasks(len(raw_tasks), limits)
     try:
         req = PredictJsonRequest.model_validate(raw)
     except ValidationError as exc:
