@@ -1,10 +1,21 @@
-"""Request JSON parsed with bounds: nesting depth, integer size, and off the event loop when large.
+"""Request JSON parsed with bounds, and never in one long stretch that holds the event loop.
 
-``json.loads`` alone lets a client through with ``[[[[...`` a few hundred kB deep (it recurses),
-an integer of 4,301 digits (Python's int parsing limit raises a bare ``ValueError``), or a body
-that holds the event loop for tens of milliseconds. Every route reading a JSON body goes
-through :func:`load_json` (a stable error) and, above :data:`INLINE_PARSE_BYTES`,
-:func:`parse_off_loop` (a worker thread).
+``json.loads`` alone lets a client through with ``[[[[...`` a few hundred kB deep (it
+recurses), an integer of 4,301 digits (Python's int parsing limit raises a bare
+``ValueError``), and, worse for everyone else, it is one C call that holds the GIL for the
+whole parse: a worker thread does not help the event loop while it runs. So, before and
+during the parse:
+
+* a JSON body is at most :data:`MAX_JSON_BYTES` (larger payloads have streamed forms:
+  multipart for ``/v1/predict``, the binary tensor extension for the OIP);
+* it holds at most :data:`MAX_JSON_VALUES` values, counted (``,`` and ``:``) in slices
+  before parsing: a body of a million ``[]`` takes a second of GIL to parse;
+* numbers are parsed by Python callbacks, which bound an integer's digits and give the
+  interpreter a point to hand the GIL to the event loop between two numbers;
+* nesting is at most :data:`MAX_JSON_DEPTH`.
+
+Every route reading a JSON body goes through :func:`load_json` and, above
+:data:`INLINE_PARSE_BYTES`, :func:`parse_off_loop` (a worker thread).
 """
 
 from __future__ import annotations
@@ -14,12 +25,21 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+MAX_JSON_BYTES = 8 * 1024 * 1024
+"""Largest JSON body (or OIP JSON header); parsing it holds the GIL for tens of ms."""
+MAX_JSON_VALUES = 2**18
+"""Most values (array items and object members) of one JSON body: a 1 x 3 x 224 x 224
+pixel tensor fits in JSON; larger tensors go in the binary extension."""
 MAX_JSON_DEPTH = 32
-"""Deepest nesting of arrays and objects a request may use (an OIP tensor of the largest
-allowed rank nested element by element fits, with room to spare)."""
+"""Deepest nesting of arrays and objects (an OIP tensor of the largest allowed rank nested
+element by element fits, with room to spare)."""
+MAX_INT_DIGITS = 40
+"""Longest integer literal (2**128 has 39 digits; no request field needs more)."""
 INLINE_PARSE_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop (well under a millisecond); larger
-ones in a worker thread, so a megabyte of JSON never stalls the other requests."""
+ones in a worker thread."""
+_SCAN_SLICE = 1 << 20
+_CONTAINERS = (list, dict)
 
 T = TypeVar("T")
 
@@ -27,38 +47,79 @@ T = TypeVar("T")
 class JsonBodyError(ValueError):
     """The body is not JSON this server accepts; the message says why, for the client."""
 
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+        """Refused for its size (413) rather than its content."""
+
+
+def _separators(body: bytes, stop_after: int) -> int:
+    """``,`` and ``:`` in ``body``, counted a slice at a time (each count is a short C call,
+    so another thread gets the GIL in between), stopping once past ``stop_after``."""
+    n = 0
+    for start in range(0, len(body), _SCAN_SLICE):
+        end = start + _SCAN_SLICE
+        n += body.count(b",", start, end) + body.count(b":", start, end)
+        if n > stop_after:
+            break
+    return n
+
+
+def _int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise JsonBodyError(f"an integer has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
 
 def _depth_exceeds(doc: Any, limit: int) -> bool:
-    """Whether ``doc`` nests arrays/objects deeper than ``limit`` (iterative: no recursion)."""
+    """Whether ``doc`` nests arrays/objects deeper than ``limit`` (iterative: no recursion).
+
+    A container's children are typed with ``map`` (C speed) and only containers are walked,
+    so a list of a million numbers costs one pass, not a million Python steps."""
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > limit:
+        children = list(node.values()) if isinstance(node, dict) else node
+        types = set(map(type, children))
+        if list not in types and dict not in types:
+            continue
+        if depth >= limit:
             return True
-        children = node.values() if isinstance(node, dict) else node
-        for child in children:
-            if isinstance(child, list | dict):
-                stack.append((child, depth + 1))
+        stack.extend((c, depth + 1) for c in children if isinstance(c, _CONTAINERS))
     return False
 
 
-def load_json(body: bytes | str) -> Any:
-    """``body`` decoded, refused with :class:`JsonBodyError` when it is not acceptable JSON.
-
-    Integers are bounded by Python's own int parsing limit (4,300 digits; the request's
-    fields bound them further where they are used) and nesting by :data:`MAX_JSON_DEPTH`.
-    """
+def load_json(body: bytes) -> Any:
+    """``body`` decoded, refused with :class:`JsonBodyError` when it is not acceptable JSON."""
+    if len(body) > MAX_JSON_BYTES:
+        raise JsonBodyError(
+            f"JSON body of {len(body)} bytes; at most {MAX_JSON_BYTES} (send large payloads "
+            "as multipart/form-data or in the binary tensor extension)",
+            too_large=True,
+        )
+    if _separators(body, MAX_JSON_VALUES) > MAX_JSON_VALUES:
+        raise JsonBodyError(
+            f"more than {MAX_JSON_VALUES} JSON values (send large tensors in the binary "
+            "tensor extension)",
+            too_large=True,
+        )
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_int=_int, parse_float=_float)
+    except JsonBodyError:
+        raise
     except RecursionError:
         raise JsonBodyError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
         raise JsonBodyError(f"body is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise JsonBodyError("body is not valid JSON: not UTF-8 text") from None
-    except ValueError:  # int("9" * 4301): Python's integer string conversion limit
-        raise JsonBodyError("body is not valid JSON: an integer has too many digits") from None
-    if isinstance(doc, list | dict) and _depth_exceeds(doc, MAX_JSON_DEPTH):
+    except ValueError:  # defensive: any other conversion the decoder refuses
+        raise JsonBodyError("body is not valid JSON: a value cannot be converted") from None
+    if isinstance(doc, _CONTAINERS) and _depth_exceeds(doc, MAX_JSON_DEPTH):
         raise JsonBodyError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return doc
 

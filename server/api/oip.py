@@ -43,16 +43,18 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from server.api.deps import AdminDep, ReaderDep, ServiceDep, SettingsDep, TenancyDep
-from server.api.json_body import JsonBodyError, load_json, parse_off_loop
+from server.api.json_body import parse_off_loop
 from server.api.oip_codec import (
     HEADER_LENGTH,
     InferInput,
     InferRequest,
     OipCodecError,
+    OipTooLargeError,
     OutputTensor,
     classification_strings,
     decode_request,
     encode_response,
+    load_oip_json,
 )
 from server.api.routing import TunerRoute
 from server.engine.service import InferenceService, TaskRef, parse_version
@@ -81,6 +83,8 @@ _STATUS_TEXT = {
     401: "No bearer token (tenants on)",
     403: "The token's tenant does not own the task",
     404: "Unknown task or version",
+    408: "The request's headers or body arrived too slowly (problem+json, `request_timeout`)",
+    413: "Over the body limit, or a JSON header over the JSON limits (send tensors in binary)",
     422: "An image could not be decoded",
     429: "Over the tenant's request rate (Retry-After)",
     500: "Internal error",
@@ -117,6 +121,9 @@ class OipRoute(TunerRoute):
             except ApiError as exc:
                 state["error_code"] = exc.code
                 return oip_error(exc.detail, exc.status, exc.headers())
+            except OipTooLargeError as exc:
+                state["error_code"] = "payload_too_large"
+                return oip_error(str(exc), 413)
             except (OipCodecError, RequestValidationError) as exc:
                 state["error_code"] = "validation_error"
                 message = (
@@ -479,7 +486,7 @@ async def _infer(
 @router.post(
     "/models/{task:tuner}/infer",
     summary="Inference",
-    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
 )
 async def infer(
     task: str,
@@ -497,7 +504,7 @@ async def infer(
 @router.post(
     "/models/{task:tuner}/versions/{version}/infer",
     summary="Inference on a version",
-    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
 )
 async def infer_version(
     task: str,
@@ -567,10 +574,7 @@ def _optional_json(raw: bytes) -> Any:
     """An optional JSON body: None when empty."""
     if not raw.strip():
         return None
-    try:
-        return load_json(raw)
-    except JsonBodyError as exc:
-        raise OipCodecError(f"request JSON is invalid: {exc}") from None
+    return load_oip_json(raw)
 
 
 async def _load_parameters(request: Request) -> dict[str, Any]:

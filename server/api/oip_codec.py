@@ -318,6 +318,21 @@ def _decode_output(raw: Any) -> RequestedOutput:
     return RequestedOutput(name, binary if isinstance(binary, bool) else None, classification)
 
 
+class OipTooLargeError(OipCodecError):
+    """A JSON header over the JSON limits (answered 413): the tensors belong in the binary
+    tail."""
+
+
+def load_oip_json(raw: bytes) -> Any:
+    """A request's JSON (the whole body, or the header before the binary tail)."""
+    try:
+        return load_json(raw)
+    except JsonBodyError as exc:
+        if exc.too_large:
+            raise OipTooLargeError(str(exc)) from None
+        raise OipCodecError(f"request JSON is invalid: {exc}") from None
+
+
 def decode_request(body: bytes, header_length: str | int | None) -> InferRequest:
     """Parse an infer request; ``header_length`` is the ``Inference-Header-Content-Length``.
 
@@ -334,10 +349,7 @@ def decode_request(body: bytes, header_length: str | int | None) -> InferRequest
         if n > len(body):
             raise OipCodecError(f"{HEADER_LENGTH} {n} is outside the body ({len(body)} bytes)")
         head, tail = body[:n], body[n:]
-    try:
-        doc = load_json(head)
-    except JsonBodyError as exc:
-        raise OipCodecError(f"request JSON is invalid: {exc}") from None
+    doc = load_oip_json(head)
     if not isinstance(doc, dict):
         raise OipCodecError("request must be a JSON object")
     raw_inputs = doc.get("inputs")

@@ -65,7 +65,7 @@ _REQUEST_BODY: dict[str, Any] = {
     "/v1/predict",
     summary="Run several tasks on one or more images",
     response_model=PredictResponse,
-    responses=problem_responses(401, 403, 404, 413, 415, 422, 429, 503, 504),
+    responses=problem_responses(401, 403, 404, 408, 413, 415, 422, 429, 503, 504),
     openapi_extra=_REQUEST_BODY,
 )
 async def predict(

@@ -259,6 +259,8 @@ def read_json(body: bytes, limits: PredictLimits) -> PredictInput:
     try:
         raw = load_json(body)
     except JsonBodyError as exc:
+        if exc.too_large:
+            raise ApiError("payload_too_large", str(exc)) from None
         raise field_error("body", str(exc), "json_invalid") from exc
     # Count before validating so a huge list is refused by its length, not item by item.
     images = raw.get("images") if isinstance(raw, dict) else None
