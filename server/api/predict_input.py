@@ -34,9 +34,12 @@ MAX_BOUNDARY_BYTES = 70
 """RFC 2046's longest multipart boundary."""
 _TOP_K_RE = re.compile(r"-?[0-9]{1,9}")
 """A ``top_k`` form value: an integer small enough to compare (the service checks the range)."""
-MAX_JSON_TASKS = 1024
-"""A JSON task list longer than this is refused before validation (the service's own limit,
-``max_tasks_per_request``, is far lower and gives the precise error)."""
+MAX_TASK_ENTRIES = 1024
+"""A task list (JSON list, or comma-separated entries) longer than this is refused before it
+is validated or split (the service's own limit, ``max_tasks_per_request``, is far lower and
+gives the precise error for shorter lists)."""
+MAX_PART_HEADER_BYTES = 8 * 1024
+"""Longest header name or value of a multipart part."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,17 @@ def image_too_large(index: int, limits: PredictLimits) -> ApiError:
     )
 
 
-def task_names(values: list[str]) -> list[str]:
+def task_names(values: list[str], limits: PredictLimits) -> list[str]:
     """Task references from ``tasks=a,b`` and repeated ``task`` values, in order.
 
     Empty entries are dropped. The service checks the list itself (none, too many,
-    duplicates, top_k range) so every protocol gets the same answers.
+    duplicates, top_k range) so every protocol gets the same answers; only a list of more
+    than :data:`MAX_TASK_ENTRIES` entries is refused here, counted before it is split (a
+    64 kB field of commas is 32,000 entries).
     """
+    entries = sum(value.count(",") + 1 for value in values)
+    if entries > MAX_TASK_ENTRIES:
+        raise too_many_tasks(entries, limits)
     names = [part.strip() for value in values for part in value.split(",")]
     return [n for n in names if n]
 
@@ -128,9 +136,13 @@ class _FormCollector:
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
+        if len(self._header_name) > MAX_PART_HEADER_BYTES:
+            raise field_error("body", f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        if len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise field_error("body", f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_end(self) -> None:
         if bytes(self._header_name).lower() == b"content-disposition":
@@ -223,7 +235,7 @@ async def read_multipart(
         if not _TOP_K_RE.fullmatch(text):
             raise field_error("top_k", "top_k must be an integer", "int_parsing")
         top_k = int(text)
-    tasks = task_names(form.fields.get("tasks", []) + form.fields.get("task", []))
+    tasks = task_names(form.fields.get("tasks", []) + form.fields.get("task", []), limits)
     return PredictInput(form.images, tasks, top_k)
 
 
@@ -267,12 +279,12 @@ def read_json(body: bytes, limits: PredictLimits) -> PredictInput:
     if isinstance(images, list) and len(images) > limits.max_images:
         raise too_many_images(limits)
     raw_tasks = raw.get("tasks") if isinstance(raw, dict) else None
-    if isinstance(raw_tasks, list) and len(raw_tasks) > MAX_JSON_TASKS:
+    if isinstance(raw_tasks, list) and len(raw_tasks) > MAX_TASK_ENTRIES:
         raise too_many_tasks(len(raw_tasks), limits)
     try:
         req = PredictJsonRequest.model_validate(raw)
     except ValidationError as exc:
         raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
     images = [decode_b64_image(img.b64, i, limits) for i, img in enumerate(req.images)]
-    tasks = task_names([req.tasks] if isinstance(req.tasks, str) else req.tasks)
+    tasks = task_names([req.tasks] if isinstance(req.tasks, str) else req.tasks, limits)
     return PredictInput(images, tasks, req.top_k)

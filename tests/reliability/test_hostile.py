@@ -325,6 +325,7 @@ ABORTED = [
     ("POST", "/v1/predict", "application/json", b'{"images": [{"b64": "iVBOR'),
     ("POST", f"/v2/models/{CLS}/infer", "application/json", b'{"inputs": [{"name": "im'),
     ("PUT", f"/v1/tuners/{CLS}/traffic", "application/json", b'{"traffic": {"1"'),
+    ("PUT", "/v1/tuners/hx-new", "application/octet-stream", b"\x10\x00\x00\x00\x00\x00"),
 ]
 
 
