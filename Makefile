@@ -50,7 +50,7 @@ bench-full: install
 	$(BIN)/python -m bench --full
 
 fuzz: install
-	RESTUNE_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -q tests/reliability/test_fuzz.py
+	RESTUNE_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -q tests/reliability/test_fuzz.py tests/reliability/test_hostile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

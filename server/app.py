@@ -124,7 +124,11 @@ def create_app(settings: Settings, service: InferenceService | None = None) -> F
 
     # Added last = outermost: the request id and metrics see every response, 413s included.
     app.add_middleware(TenantRateLimitMiddleware, tenancy=tenancy)
-    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=body_limit_for(settings),
+        body_timeout_s=settings.request_body_timeout_s,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     _document_problems(app)
     return app

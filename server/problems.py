@@ -9,13 +9,15 @@ error code is also left in the request's state (``error_code``) for the access l
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
 from server.errors import ApiError
@@ -23,6 +25,17 @@ from server.errors import ApiError
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 log = logging.getLogger("restune.server")
+
+MAX_DETAIL_CHARS = 2000
+"""``detail`` longer than this is cut: it may quote a client's input (a task name, a shape)."""
+MAX_FIELD_CHARS = 512
+"""Other strings of a problem body (names, field paths, messages) are cut here."""
+MAX_LIST_ITEMS = 50
+"""Lists in a problem body (``errors``) keep this many entries."""
+_MAX_NESTING = 6
+CLIENT_CLOSED_STATUS = 499
+"""Status recorded (metrics, access log) when the client hung up before its answer; nginx's
+convention, so a dashboard's ``5..`` error rate never counts a client's hang-up."""
 
 # Starlette raises HTTPException for routing failures and a few protocol errors; each status
 # gets the code a client would look for.
@@ -46,13 +59,50 @@ def request_state(scope: Scope) -> dict[str, Any]:
     return state
 
 
+def safe_text(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, lone surrogates written as ``\\udxxx``.
+
+    A JSON body may carry any code point, lone surrogates included, and an error message
+    quotes what the client sent: encoding that answer must not fail (it would be a 500), and
+    a megabyte of input must not come back in the answer.
+    """
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def safe_value(value: Any, limit: int = MAX_FIELD_CHARS, _depth: int = 0) -> Any:
+    """A JSON-ready copy of ``value`` whose strings pass :func:`safe_text` and whose lists
+    and nesting are bounded (problem fields may hold client input)."""
+    if isinstance(value, str):
+        return safe_text(value, limit)
+    if _depth >= _MAX_NESTING:
+        return safe_text(repr(type(value).__name__))
+    if isinstance(value, Mapping):
+        items = list(value.items())[:MAX_LIST_ITEMS]
+        return {safe_text(str(k)): safe_value(v, limit, _depth + 1) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [safe_value(v, limit, _depth + 1) for v in value[:MAX_LIST_ITEMS]]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # JSON has no NaN or Infinity
+    if isinstance(value, bool | None) or (isinstance(value, int) and abs(value) < 2**63):
+        return value
+    return safe_text(str(value) if not isinstance(value, int) else "<integer too large>")
+
+
 def problem_response(
     err: ApiError, scope: Scope, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    """The problem+json response for ``err``; records its code on the request."""
+    """The problem+json response for ``err``; records its code on the request.
+
+    Any text the client sent that the problem quotes is rendered safely (:func:`safe_value`).
+    """
     state = request_state(scope)
     state["error_code"] = err.code
     body = err.problem(instance=scope.get("path"))
+    detail = safe_text(str(body.pop("detail", "")), MAX_DETAIL_CHARS)
+    body = safe_value(body)
+    body["detail"] = detail
     request_id = state.get("request_id")
     if request_id:
         body["request_id"] = request_id
@@ -80,10 +130,10 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 def validation_error(errors: Sequence[Any]) -> ApiError:
     """A ``validation_error`` naming every failing field."""
-    fields = field_errors(errors)
+    fields = field_errors(errors[:MAX_LIST_ITEMS])
     summary = "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields[:10])
-    if len(fields) > 10:
-        summary += f"; and {len(fields) - 10} more"
+    if len(errors) > 10:
+        summary += f"; and {len(errors) - 10} more"
     return ApiError("validation_error", f"invalid request: {summary}", errors=fields)
 
 
@@ -123,6 +173,20 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(err, request.scope, headers=exc.headers)
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: nothing to answer, nothing went wrong here.
+
+    Logged at debug and recorded as 499 (see ``CLIENT_CLOSED_STATUS``), never as a 5xx.
+    """
+    state = request_state(request.scope)
+    state["error_code"] = "client_disconnected"
+    log.debug(
+        "client disconnected before its request was read",
+        extra={"request_id": state.get("request_id", "-"), "path": request.url.path},
+    )
+    return Response(status_code=CLIENT_CLOSED_STATUS)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     state = request_state(request.scope)
     request_id = state.get("request_id", "-")
@@ -141,4 +205,5 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_exception_handler(Exception, _unexpected)

@@ -138,6 +138,17 @@ class Settings(BaseSettings):
     """Bind address; ``0.0.0.0`` to listen on every interface (containers)."""
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port; 0 picks a free one (the URL is printed at start)."""
+    request_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """A request's headers must be complete this long after the connection opened (or the
+    previous response ended), else 408 and the connection closes (slow-header clients)."""
+    request_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """A request's whole body must arrive this long after its headers, else 408 (a body
+    trickled a byte a second); artifact uploads need it above their size / link speed."""
+    limit_concurrency: int = Field(default=1024, ge=0)
+    """Connections plus in-flight requests uvicorn serves at once before answering 503 (0:
+    no limit). Per-client limits belong to the proxy: docs/RELIABILITY.md."""
+    backlog: int = Field(default=2048, gt=0, le=65535)
+    """Pending TCP connections the listening socket queues (the kernel caps it at somaxconn)."""
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     """On SIGTERM, how long in-flight requests may take to finish before connections close."""
     log_format: Literal["auto", "json", "text"] = "auto"

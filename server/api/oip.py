@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -41,22 +40,26 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
-from server.api.deps import ReaderDep, ServiceDep, SettingsDep, TenancyDep
+from server.api.deps import AdminDep, ReaderDep, ServiceDep, SettingsDep, TenancyDep
+from server.api.json_body import parse_off_loop
 from server.api.oip_codec import (
     HEADER_LENGTH,
     InferInput,
     InferRequest,
     OipCodecError,
+    OipTooLargeError,
     OutputTensor,
     classification_strings,
     decode_request,
     encode_response,
+    load_oip_json,
 )
 from server.api.routing import TunerRoute
-from server.engine.service import InferenceService, TaskRef
+from server.engine.service import InferenceService, TaskRef, parse_version
 from server.errors import ApiError, status_for
-from server.problems import request_state
+from server.problems import MAX_DETAIL_CHARS, request_state, safe_text, validation_error
 from server.tenancy import Principal, Tenancy
 from tuners_store.config import TunerConfig
 
@@ -80,6 +83,8 @@ _STATUS_TEXT = {
     401: "No bearer token (tenants on)",
     403: "The token's tenant does not own the task",
     404: "Unknown task or version",
+    408: "The request's headers or body arrived too slowly (problem+json, `request_timeout`)",
+    413: "Over the body limit, or a JSON header over the JSON limits (send tensors in binary)",
     422: "An image could not be decoded",
     429: "Over the tenant's request rate (Retry-After)",
     500: "Internal error",
@@ -94,8 +99,10 @@ def oip_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def oip_error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The protocol's error body."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """The protocol's error body (the message may quote client input: rendered safely)."""
+    return JSONResponse(
+        {"error": safe_text(message, MAX_DETAIL_CHARS)}, status_code=status, headers=headers
+    )
 
 
 class OipRoute(TunerRoute):
@@ -109,12 +116,21 @@ class OipRoute(TunerRoute):
             state = request_state(request.scope)
             try:
                 return await handler(request)
+            except ClientDisconnect:
+                raise  # the app's handler records it as 499 (server.problems)
             except ApiError as exc:
                 state["error_code"] = exc.code
                 return oip_error(exc.detail, exc.status, exc.headers())
+            except OipTooLargeError as exc:
+                state["error_code"] = "payload_too_large"
+                return oip_error(str(exc), 413)
             except (OipCodecError, RequestValidationError) as exc:
                 state["error_code"] = "validation_error"
-                message = str(exc) if isinstance(exc, OipCodecError) else f"{exc.errors()}"
+                message = (
+                    str(exc)
+                    if isinstance(exc, OipCodecError)
+                    else str(validation_error(exc.errors()).detail)
+                )
                 return oip_error(message, 400)
             except Exception as exc:  # a bug: log it as the app does, answer in OIP shape
                 request_id = state.get("request_id", "-")
@@ -147,9 +163,10 @@ class ModelView:
 
 
 def _version_number(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    number = parse_version(text)
+    if number is None:
         raise ApiError("validation_error", f"model version must be an integer >= 1, not {text!r}")
-    return int(text)
+    return number
 
 
 async def model_view(service: InferenceService, task: str, version: str | None) -> ModelView:
@@ -423,6 +440,25 @@ def _outputs(
     return out
 
 
+def _parse_infer(
+    body: bytes, header_length: str | None
+) -> tuple[InferRequest, list[bytes] | npt.NDArray[np.float32]]:
+    """The request and its one input as the service takes it (encoded images or pixels).
+
+    CPU-bound (JSON, base64, copies): run in a worker thread for a large body.
+    """
+    parsed = decode_request(body, header_length)
+    unknown = [i.name for i in parsed.inputs if i.name not in ("image", "pixels")]
+    if unknown:
+        raise OipCodecError(
+            f"unknown inputs {unknown[:4]}; send 'image' (BYTES) or 'pixels' (FP32)"
+        )
+    if len(parsed.inputs) != 1:
+        raise OipCodecError("send exactly one input: 'image' or 'pixels'")
+    tensor = parsed.inputs[0]
+    return parsed, _images(tensor) if tensor.name == "image" else _pixels(tensor)
+
+
 async def _infer(
     request: Request,
     service: InferenceService,
@@ -430,23 +466,19 @@ async def _infer(
     task: str,
     version: str | None,
 ) -> Response:
-    parsed = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
-    unknown = [i.name for i in parsed.inputs if i.name not in ("image", "pixels")]
-    if unknown:
-        raise OipCodecError(f"unknown inputs {unknown}; send 'image' (BYTES) or 'pixels' (FP32)")
-    if len(parsed.inputs) != 1:
-        raise OipCodecError("send exactly one input: 'image' or 'pixels'")
+    parsed, data = await parse_off_loop(
+        _parse_infer, await request.body(), request.headers.get(HEADER_LENGTH)
+    )
     view = await model_view(service, task, version)
     wanted = _wanted_outputs(parsed, view.config)
     top_k = _top_k(view.config, wanted, max_top_k)
     # Pinned to the version described above, so the answer matches model_version.
     refs = [TaskRef(task, view.version)]
-    tensor = parsed.inputs[0]
-    if tensor.name == "image":
-        body = await service.predict(_images(tensor), refs, top_k)
+    if isinstance(data, list):
+        body = await service.predict(data, refs, top_k)
     else:
         # The service takes a torch tensor: wrap the decoded array (no copy) at the call.
-        body = await service.predict_tensor(torch.from_numpy(_pixels(tensor)), refs, top_k)
+        body = await service.predict_tensor(torch.from_numpy(data), refs, top_k)
     outputs = _outputs(view.config, _answers(body, task), wanted)
     content, headers = encode_response(
         parsed, model_name=task, model_version=str(view.version), outputs=outputs
@@ -457,7 +489,7 @@ async def _infer(
 @router.post(
     "/models/{task:tuner}/infer",
     summary="Inference",
-    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
 )
 async def infer(
     task: str,
@@ -475,7 +507,7 @@ async def infer(
 @router.post(
     "/models/{task:tuner}/versions/{version}/infer",
     summary="Inference on a version",
-    responses=oip_errors(400, 401, 403, 404, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
 )
 async def infer_version(
     task: str,
@@ -536,25 +568,20 @@ async def repository_index(
     request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
 ) -> list[dict[str, Any]]:
     """Like the GET; ``{"ready": true}`` lists loaded tasks only."""
-    raw = await request.body()
-    ready_only = False
-    if raw.strip():
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
-            raise OipCodecError(f"request JSON is invalid: {exc}") from None
-        ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
+    doc = await parse_off_loop(_optional_json, await request.body())
+    ready_only = isinstance(doc, dict) and bool(doc.get("ready", False))
     return await _index(service, ready_only, principal, tenancy)
 
 
-async def _load_parameters(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def _optional_json(raw: bytes) -> Any:
+    """An optional JSON body: None when empty."""
     if not raw.strip():
-        return {}
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting
-        raise OipCodecError(f"request JSON is invalid: {exc}") from None
+        return None
+    return load_oip_json(raw)
+
+
+async def _load_parameters(request: Request) -> dict[str, Any]:
+    doc = await parse_off_loop(_optional_json, await request.body())
     params = doc.get("parameters") if isinstance(doc, dict) else None
     return params if isinstance(params, dict) else {}
 
@@ -565,10 +592,11 @@ async def _load_parameters(request: Request) -> dict[str, Any]:
     responses=oip_errors(400, 401, 403, 404, 429, 500, 503),
 )
 async def load_model(
-    task: str, request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+    task: str, request: Request, service: ServiceDep, principal: AdminDep, tenancy: TenancyDep
 ) -> Response:
-    """Make the task's current version resident in memory."""
-    tenancy.check_read(principal, task)
+    """Make the task's current version resident in memory (admin token, or a writer token
+    of the task's tenant: it changes what this replica holds)."""
+    tenancy.check_write(principal, task)
     params = await _load_parameters(request)
     if "config" in params or any(k.startswith("file:") for k in params):
         raise OipCodecError("config and file overrides are not supported: PUT an artifact")
@@ -582,10 +610,11 @@ async def load_model(
     responses=oip_errors(400, 401, 403, 404, 429, 503),
 )
 async def unload_model(
-    task: str, request: Request, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+    task: str, request: Request, service: ServiceDep, principal: AdminDep, tenancy: TenancyDep
 ) -> Response:
-    """Evict every loaded version of the task from memory; it stays registered."""
-    tenancy.check_read(principal, task)
+    """Evict every loaded version of the task from memory; it stays registered (admin
+    token, or a writer token of the task's tenant)."""
+    tenancy.check_write(principal, task)
     await _load_parameters(request)
     await service.registry.describe(task)  # 404 for an unknown task
     service.registry.unload(task)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.deps import ReaderDep, ServiceDep, SettingsDep, TenancyDep
-from server.api.predict_input import FORM_FIELDS, PredictLimits, read_json, read_multipart
+from server.api.json_body import INLINE_PARSE_BYTES, parse_off_loop
+from server.api.predict_input import (
+    FORM_FIELDS,
+    PredictLimits,
+    read_json,
+    read_multipart,
+    too_many_tasks,
+)
 from server.api.schemas import (
     PredictJsonRequest,
     PredictResponse,
@@ -21,7 +27,7 @@ from server.errors import ApiError
 
 router = APIRouter(tags=["predict"])
 
-INLINE_JSON_BYTES = 256 * 1024
+INLINE_JSON_BYTES = INLINE_PARSE_BYTES
 """JSON bodies up to this size are parsed on the event loop; larger ones in a thread."""
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
@@ -59,7 +65,7 @@ _REQUEST_BODY: dict[str, Any] = {
     "/v1/predict",
     summary="Run several tasks on one or more images",
     response_model=PredictResponse,
-    responses=problem_responses(401, 403, 404, 413, 415, 422, 429, 503, 504),
+    responses=problem_responses(401, 403, 404, 408, 413, 415, 422, 429, 503, 504),
     openapi_extra=_REQUEST_BODY,
 )
 async def predict(
@@ -83,17 +89,16 @@ async def predict(
     if media_type == "multipart/form-data":
         parsed = await read_multipart(request.stream(), content_type, limits)
     elif media_type == "application/json":
-        body = await request.body()
         # Parsing megabytes of JSON and base64 takes tens of ms: keep it off the event loop.
-        if len(body) > INLINE_JSON_BYTES:
-            parsed = await asyncio.to_thread(read_json, body, limits)
-        else:
-            parsed = read_json(body, limits)
+        parsed = await parse_off_loop(read_json, await request.body(), limits)
     else:
         raise ApiError(
             "unsupported_media_type",
             f"send multipart/form-data or application/json, not {media_type or 'no type'}",
         )
+    # A 64 kB form field splits into thousands of names: count them before parsing any.
+    if len(parsed.tasks) > limits.max_tasks:
+        raise too_many_tasks(len(parsed.tasks), limits)
     tasks = [TaskRef.parse(name) for name in parsed.tasks]
     for ref in tasks:
         tenancy.check_read(principal, ref.name)

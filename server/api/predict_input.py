@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from server.api.json_body import JsonBodyError, load_json
 from server.api.schemas import PredictJsonRequest
 from server.errors import ApiError
 from server.problems import validation_error
@@ -29,6 +30,16 @@ FORM_FIELDS = ("image", "tasks", "task", "top_k")
 MAX_FIELD_BYTES = 64 * 1024
 """Largest non-image form field (a task list of the longest allowed names fits many times)."""
 DEFAULT_TOP_K = 5
+MAX_BOUNDARY_BYTES = 70
+"""RFC 2046's longest multipart boundary."""
+_TOP_K_RE = re.compile(r"-?[0-9]{1,9}")
+"""A ``top_k`` form value: an integer small enough to compare (the service checks the range)."""
+MAX_TASK_ENTRIES = 1024
+"""A task list (JSON list, or comma-separated entries) longer than this is refused before it
+is validated or split (the service's own limit, ``max_tasks_per_request``, is far lower and
+gives the precise error for shorter lists)."""
+MAX_PART_HEADER_BYTES = 8 * 1024
+"""Longest header name or value of a multipart part."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,12 @@ def too_many_images(limits: PredictLimits) -> ApiError:
     )
 
 
+def too_many_tasks(count: int, limits: PredictLimits) -> ApiError:
+    return ApiError(
+        "too_many_tasks", f"{count} tasks requested; at most {limits.max_tasks} per request"
+    )
+
+
 def image_too_large(index: int, limits: PredictLimits) -> ApiError:
     return ApiError(
         "image_too_large",
@@ -80,12 +97,17 @@ def image_too_large(index: int, limits: PredictLimits) -> ApiError:
     )
 
 
-def task_names(values: list[str]) -> list[str]:
+def task_names(values: list[str], limits: PredictLimits) -> list[str]:
     """Task references from ``tasks=a,b`` and repeated ``task`` values, in order.
 
     Empty entries are dropped. The service checks the list itself (none, too many,
-    duplicates, top_k range) so every protocol gets the same answers.
+    duplicates, top_k range) so every protocol gets the same answers; only a list of more
+    than :data:`MAX_TASK_ENTRIES` entries is refused here, counted before it is split (a
+    64 kB field of commas is 32,000 entries).
     """
+    entries = sum(value.count(",") + 1 for value in values)
+    if entries > MAX_TASK_ENTRIES:
+        raise too_many_tasks(entries, limits)
     names = [part.strip() for value in values for part in value.split(",")]
     return [n for n in names if n]
 
@@ -114,9 +136,13 @@ class _FormCollector:
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
+        if len(self._header_name) > MAX_PART_HEADER_BYTES:
+            raise field_error("body", f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        if len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise field_error("body", f"a part header is longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def on_header_end(self) -> None:
         if bytes(self._header_name).lower() == b"content-disposition":
@@ -172,6 +198,8 @@ async def read_multipart(
     boundary = params.get(b"boundary")
     if not boundary:
         raise field_error("body", "multipart/form-data without a boundary parameter")
+    if len(boundary) > MAX_BOUNDARY_BYTES:
+        raise field_error("body", f"multipart boundary longer than {MAX_BOUNDARY_BYTES} bytes")
     form = _FormCollector(limits)
     callbacks: Any = {
         name: getattr(form, name)
@@ -186,12 +214,12 @@ async def read_multipart(
             "on_end",
         )
     }
-    parser = MultipartParser(boundary, callbacks)
     try:
+        parser = MultipartParser(boundary, callbacks)
         async for chunk in chunks:
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError and the parser's own limits
         raise field_error("body", f"malformed multipart body: {exc}") from exc
     if not form.finished:
         raise field_error("body", "multipart body ended before its closing boundary")
@@ -202,11 +230,12 @@ async def read_multipart(
     if len(top_k_values) > 1:
         raise field_error("top_k", "top_k given more than once")
     if top_k_values:
-        try:
-            top_k = int(top_k_values[0])
-        except ValueError as exc:
-            raise field_error("top_k", "top_k must be an integer", "int_parsing") from exc
-    tasks = task_names(form.fields.get("tasks", []) + form.fields.get("task", []))
+        # ASCII digits of bounded length: int() alone takes "\u0663" and 4,300 digits.
+        text = top_k_values[0].strip()
+        if not _TOP_K_RE.fullmatch(text):
+            raise field_error("top_k", "top_k must be an integer", "int_parsing")
+        top_k = int(text)
+    tasks = task_names(form.fields.get("tasks", []) + form.fields.get("task", []), limits)
     return PredictInput(form.images, tasks, top_k)
 
 
@@ -240,18 +269,22 @@ def decode_b64_image(text: str, index: int, limits: PredictLimits) -> bytes:
 def read_json(body: bytes, limits: PredictLimits) -> PredictInput:
     """Parse and check a JSON predict body."""
     try:
-        raw = json.loads(body)
-    # RecursionError: a few hundred kB of "[[[[..." nest deeper than the parser recurses.
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise field_error("body", f"body is not valid JSON: {exc}", "json_invalid") from exc
+        raw = load_json(body)
+    except JsonBodyError as exc:
+        if exc.too_large:
+            raise ApiError("payload_too_large", str(exc)) from None
+        raise field_error("body", str(exc), "json_invalid") from exc
     # Count before validating so a huge list is refused by its length, not item by item.
     images = raw.get("images") if isinstance(raw, dict) else None
     if isinstance(images, list) and len(images) > limits.max_images:
         raise too_many_images(limits)
+    raw_tasks = raw.get("tasks") if isinstance(raw, dict) else None
+    if isinstance(raw_tasks, list) and len(raw_tasks) > MAX_TASK_ENTRIES:
+        raise too_many_tasks(len(raw_tasks), limits)
     try:
         req = PredictJsonRequest.model_validate(raw)
     except ValidationError as exc:
         raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
     images = [decode_b64_image(img.b64, i, limits) for i, img in enumerate(req.images)]
-    tasks = task_names([req.tasks] if isinstance(req.tasks, str) else req.tasks)
+    tasks = task_names([req.tasks] if isinstance(req.tasks, str) else req.tasks, limits)
     return PredictInput(images, tasks, req.top_k)

@@ -34,6 +34,7 @@ _STATUS_TEXT = {
     401: "Missing bearer token (`unauthorized`)",
     403: "Wrong token, or admin routes disabled (`forbidden`)",
     404: "Unknown task or tuner (`unknown_task`, `tuner_not_found`)",
+    408: "The request's headers or body arrived too slowly (`request_timeout`)",
     409: "Artifact trained on another backbone (`backbone_mismatch`)",
     413: "A size limit was exceeded (`payload_too_large`, `too_many_images`, ...)",
     415: "Unsupported Content-Type (`unsupported_media_type`)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,13 @@ from tuners_store import TunerStore, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InferenceService", "TaskRef", "TunerDetail", "TunerSummary"]
+__all__ = [
+    "InferenceService",
+    "TaskRef",
+    "TunerDetail",
+    "TunerSummary",
+    "parse_version",
+]
 
 READY_PING_TIMEOUT_S = 2.0
 """How long /readyz waits for the store to answer."""
@@ -41,6 +48,21 @@ _RESOLVE_FATAL = frozenset({"unknown_task", "unknown_version", "store_unavailabl
 """Resolution failures that fail the whole request; the others (a version that cannot be
 loaded) become per-task errors. ``store_unavailable`` is the replica's state, not the task's:
 the whole request answers 503 with Retry-After, so a proxy or client retries elsewhere."""
+
+
+MAX_TASK_REF_CHARS = 256
+"""Longest task reference a request may name (``tenant/name@version`` needs at most 139)."""
+MAX_VERSION_DIGITS = 9
+"""A version number has at most this many digits (versions count up from 1)."""
+_VERSION_RE = re.compile(rf"[0-9]{{1,{MAX_VERSION_DIGITS}}}")
+
+
+def parse_version(text: str) -> int | None:
+    """``text`` as a version number >= 1 (ASCII digits, bounded length), else None."""
+    if not _VERSION_RE.fullmatch(text):
+        return None
+    number = int(text)
+    return number if number >= 1 else None
 
 
 @dataclass(frozen=True)
@@ -52,12 +74,30 @@ class TaskRef:
 
     @classmethod
     def parse(cls, text: str) -> TaskRef:
-        """``"a"`` -> current version of a; ``"a@3"`` -> version 3 of a."""
+        """``"a"`` -> current version of a; ``"a@3"`` -> version 3 of a.
+
+        Checked before anything else reads it: at most :data:`MAX_TASK_REF_CHARS`
+        characters, valid UTF-8 (no lone surrogates, which a JSON string may carry), and a
+        version of ASCII digits only (``str.isdigit`` also takes ``"²"``, which ``int``
+        refuses), at most :data:`MAX_VERSION_DIGITS` of them.
+        """
         text = text.strip()
+        if len(text) > MAX_TASK_REF_CHARS:
+            raise ApiError(
+                "validation_error",
+                f"task name of {len(text)} characters; at most {MAX_TASK_REF_CHARS}",
+                task=text,
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                "validation_error", "task name is not valid Unicode text", task=text
+            ) from None
         name, sep, version = text.rpartition("@")
         if not sep:
             return cls(text)
-        if not name or not version.isdigit() or int(version) < 1:
+        if not name or parse_version(version) is None:
             raise ApiError(
                 "validation_error",
                 f"task {text!r}: pin a version as name@N with N >= 1",

@@ -1,4 +1,5 @@
-"""Refuse request bodies over a limit before they are buffered (413 ``payload_too_large``).
+"""Refuse request bodies over a limit before they are buffered (413 ``payload_too_large``),
+or not received in time (408 ``request_timeout``).
 
 Two checks, both before a route can hold the whole body in memory: a declared
 ``Content-Length`` over the limit fails the route's first read of the body, before a byte is
@@ -6,17 +7,25 @@ taken from the socket; a body that arrives without one (chunked) is counted as i
 the first chunk past the limit stops it. Whatever the route was doing with the body, the
 client gets the 413. The request is still routed first, so a route that refuses without
 reading the body (401 on an admin route, 404) answers as usual, and metrics see the route.
+
+The whole body must arrive within ``body_timeout_s`` of the request's headers: a client
+trickling a body a byte a second holds a connection and a route's buffer for as long as it
+likes otherwise. Past it the route's read fails, the client gets a 408 and the connection is
+closed. A client that hangs up while sending its body is recorded in the request state
+(``client_disconnected``) so the request is counted as a client's hang-up (499), not a
+server error, whatever the route made of the interruption.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError
-from server.problems import problem_response
+from server.problems import problem_response, request_state
 
 
 @dataclass(frozen=True)
@@ -40,12 +49,26 @@ def _too_large(limit: BodyLimit) -> ApiError:
     )
 
 
-class BodyLimitMiddleware:
-    """Pure ASGI middleware enforcing ``limit_for(scope)`` on every HTTP request body."""
+def _timed_out(timeout_s: float) -> ApiError:
+    return ApiError(
+        "request_timeout",
+        f"the request body was not received within {timeout_s:g} s",
+        limit_s=timeout_s,
+    )
 
-    def __init__(self, app: ASGIApp, limit_for: LimitFor) -> None:
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware enforcing ``limit_for(scope)`` and the body read deadline on
+    every HTTP request body."""
+
+    def __init__(
+        self, app: ASGIApp, limit_for: LimitFor, body_timeout_s: float | None = None
+    ) -> None:
+        """``body_timeout_s``: how long after its headers the whole body may take to arrive
+        (None: no deadline)."""
         self.app = app
         self.limit_for = limit_for
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,33 +76,53 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for(scope)
         declared = _content_length(scope)
+        timeout_s = self.body_timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         received = 0
-        tripped = False
+        body_done = False
+        tripped: ApiError | None = None
         replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received, tripped
-            if tripped or (declared is not None and declared > limit.max_bytes):
-                tripped = True
-                raise _too_large(limit)
-            message = await receive()
+            nonlocal received, tripped, body_done
+            if tripped is not None:
+                raise tripped
+            if declared is not None and declared > limit.max_bytes:
+                tripped = _too_large(limit)
+                raise tripped
+            if body_done or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    assert timeout_s is not None
+                    tripped = _timed_out(timeout_s)
+                    raise tripped from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit.max_bytes:
-                    tripped = True
-                    raise _too_large(limit)
+                    tripped = _too_large(limit)
+                    raise tripped
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not body_done:
+                request_state(scope)["client_disconnected"] = True
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal replaced
-            if not tripped:
+            if tripped is None:
                 await send(message)
                 return
             # The route may have turned the interruption into something else (a 400 from a
-            # framework body parser): the client is owed the 413, exactly once.
+            # framework body parser): the client is owed the 413 or 408, exactly once. After
+            # a 408 the connection closes (the client is too slow to wait for); after a 413
+            # the server reads and drops the rest, so a client still sending sees the answer.
             if not replaced and message["type"] == "http.response.start":
                 replaced = True
-                await problem_response(_too_large(limit), scope)(scope, receive, send)
+                close = {"Connection": "close"} if tripped.status == 408 else None
+                await problem_response(tripped, scope, headers=close)(scope, receive, send)
 
         await self.app(scope, limited_receive, guarded_send)
 

@@ -6,6 +6,9 @@
   the label set stays bounded; a path no route matches is ``unmatched``.
 * ``restune_rejected_requests_total{reason}`` counts the error code a handler left in the
   request state (see :mod:`server.problems`).
+* A client that hung up while sending its body (:mod:`server.middleware.body_limit` marks
+  it) is counted with status 499 and code ``client_disconnected`` and logged at debug level,
+  whatever the route answered into the closed connection: a client's hang-up is never a 5xx.
 * One access-log record per request; headers are never logged, so neither is the admin token.
 """
 
@@ -19,7 +22,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import Metrics
-from server.problems import request_state
+from server.problems import CLIENT_CLOSED_STATUS, request_state
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -28,7 +31,8 @@ UNMATCHED = "unmatched"
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # A tenant flooding past its rate gets thousands of these a minute: counted in
 # restune_rejected_requests_total{reason="rate_limited"}, logged at debug level only.
-QUIET_CODES = frozenset({"rate_limited"})
+# A hang-up mid-body is the client's doing and says nothing about the server: debug only.
+QUIET_CODES = frozenset({"rate_limited", "client_disconnected"})
 # Any string can arrive as a method; only these become label values.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -104,6 +108,9 @@ class RequestContextMiddleware:
         start: float,
     ) -> None:
         elapsed = time.perf_counter() - start
+        if state.get("client_disconnected"):
+            status = CLIENT_CLOSED_STATUS
+            state["error_code"] = "client_disconnected"
         route = route_template(scope)
         method = str(scope.get("method", ""))
         method_label = method if method in _METHODS else "other"

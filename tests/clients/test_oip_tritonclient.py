@@ -184,17 +184,20 @@ def test_pinned_version_and_classification_extension(
     assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index]
 
 
-def test_repository_load_unload(triton_client: triton.InferenceServerClient) -> None:
+def test_repository_load_unload(
+    triton_client: triton.InferenceServerClient, server: LiveServer
+) -> None:
     index = {m["name"]: m for m in triton_client.get_model_repository_index()}
     assert set(TASKS) <= set(index)
     assert index["oip-reg"]["state"] == "READY"
     assert index["oip-cls"]["version"] == "2"
     assert triton_client.is_model_ready("oip-reg")
-    triton_client.unload_model("oip-reg")
+    # Load and unload take a writer or admin token; the reads around them do not.
+    triton_client.unload_model("oip-reg", headers=server.admin_headers)
     assert not triton_client.is_model_ready("oip-reg")
     index = {m["name"]: m for m in triton_client.get_model_repository_index()}
     assert index["oip-reg"]["state"] == "UNAVAILABLE"  # still registered
-    triton_client.load_model("oip-reg")
+    triton_client.load_model("oip-reg", headers=server.admin_headers)
     assert triton_client.is_model_ready("oip-reg")
     assert triton_client.is_model_ready("oip-cls", model_version="2")
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from restuning.backbone import TorchBackbone
-from tests.fixtures.live_server import LiveServer
+from tests.fixtures.live_server import TEST_ADMIN_TOKEN, LiveServer
 from tests.fixtures.models import tiny_images
 from tests.reliability import bad_artifacts as art
 from tests.reliability import bad_images as img
@@ -725,6 +725,7 @@ def oip_pixels(shape: list[int], value: float) -> bytes:
 
 
 INFER = f"/v2/models/{CLS}/infer"
+ADMIN_HEADERS = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 OIP_CASES = [
     OipCase("oip-infer-malformed", INFER, b'{"inputs": [', 400),
     OipCase("oip-infer-deeply-nested", INFER, b"[" * 200_000, 400),
@@ -762,8 +763,17 @@ OIP_CASES = [
     OipCase("oip-infer-unknown-model", "/v2/models/ghost/infer", oip_bytes(b64(PNG)), 404),
     OipCase("oip-index-deeply-nested", "/v2/repository/index", b'{"ready":' + b"[" * 200_000, 400),
     OipCase("oip-index-malformed", "/v2/repository/index", b"{", 400),
-    OipCase("oip-load-deeply-nested", f"/v2/repository/models/{CLS}/load", b"[" * 200_000, 400),
-    OipCase("oip-load-unknown-model", "/v2/repository/models/ghost/load", b"", 404),
+    # Load and unload change what the replica holds: they take a writer or admin token.
+    OipCase(
+        "oip-load-deeply-nested",
+        f"/v2/repository/models/{CLS}/load",
+        b"[" * 200_000,
+        400,
+        ADMIN_HEADERS,
+    ),
+    OipCase("oip-load-unknown-model", "/v2/repository/models/ghost/load", b"", 404, ADMIN_HEADERS),
+    OipCase("oip-load-anonymous", f"/v2/repository/models/{CLS}/load", b"", 401),
+    OipCase("oip-unload-anonymous", f"/v2/repository/models/{CLS}/unload", b"", 401),
 ]
 
 

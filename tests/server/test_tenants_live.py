@@ -48,6 +48,8 @@ LISTINGS = {
 }
 WRITES = [("PUT", "/v1/tuners/{name}"), ("DELETE", "/v1/tuners/{name}")]
 WRITES.append(("PUT", "/v1/tuners/{name}/traffic"))
+# Loading and unloading change what the replica holds: writers only, like the rest.
+WRITES += [("POST", f"/v2/repository/models/{{task}}/{action}") for action in ("load", "unload")]
 IMAGE = tiny_images(1, seed=2)[0]
 
 

@@ -196,7 +196,8 @@ def test_partial_answers_when_a_tuner_cannot_be_loaded(
         assert live_server.register(name, artifact(name, tiny_backbone, seed)).status_code == 201
     blob = live_server.workdir / "store" / "part-b" / "1.safetensors"
     blob.write_bytes(blob.read_bytes()[:-16] + b"\x00" * 16)
-    assert client.post("/v2/repository/models/part-b/unload").status_code == 200
+    unload = "/v2/repository/models/part-b/unload"
+    assert client.post(unload, headers=live_server.admin_headers).status_code == 200
     images = tiny_images(2, seed=8)
     resp = client.post("/v1/predict", **form(images, "part-a,part-b", top_k=2))
     assert resp.status_code == 200, resp.text
