@@ -300,9 +300,10 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-def live_objects() -> tuple[int, int, int]:
-    """(tensor bytes held by live tensors, live TaskModules, live LoadedTuners), after a
-    full collection. Storages are counted once however many tensors view them."""
+def live_objects(name: str = "cycle") -> tuple[int, int, int]:
+    """(tensor bytes held by live tensors, live TaskModules and LoadedTuners of tuner
+    ``name``), after a full collection. Storages are counted once however many tensors view
+    them. Only this test's tuner is counted: other test modules may still hold theirs."""
     gc.collect()
     storages: dict[int, int] = {}
     modules = tuners = 0
@@ -318,9 +319,9 @@ def live_objects() -> tuple[int, int, int]:
                 # this process hold no memory of their own.
                 continue
             storages[ptr] = storage.nbytes()
-        elif isinstance(obj, TaskModule):
+        elif isinstance(obj, TaskModule) and obj.config.name == name:
             modules += 1
-        elif isinstance(obj, LoadedTuner):
+        elif isinstance(obj, LoadedTuner) and obj.name == name:
             tuners += 1
     return sum(storages.values()), modules, tuners
 
