@@ -197,7 +197,11 @@ class GpuEngine(Engine):
     ) -> BatchOutput:
         """Answers of a replayed batch, with the CPU engine's isolation: tasks the backbone
         cannot serve answer ``backbone_mismatch``, quarantined tasks run alone through the
-        eager fan-out, images with non-finite features answer ``non_finite_features``."""
+        eager fan-out, images with non-finite features answer ``non_finite_features``.
+
+        A plan task whose rows come out non-finite answers that per row and stays in the plan:
+        every task has its own matmuls there, so its numbers cannot reach the others' answers
+        (quarantining it would only add an eager run beside every later replay)."""
         out = replayed.out
         answers: list[dict[str, Answer]] = [{} for _ in items]
         started = time.perf_counter()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
 from PIL import Image
 from pydantic import ValidationError
 
@@ -60,7 +61,16 @@ from tests.server.engine.engine_kit import (
     open_registry,
     pixels_of,
 )
-from tests.server.engine.test_isolation import as_loaded, liar_task
+from tests.server.engine.test_isolation import EXPECTED_CODE as ISOLATION_CODES
+from tests.server.engine.test_isolation import SETTINGS as ISOLATION_SETTINGS
+from tests.server.engine.test_isolation import (
+    Request,
+    as_loaded,
+    batch_items,
+    liar_task,
+    poisoned_batches,
+    poisoned_tuner_set,
+)
 
 # --- buckets and padding ------------------------------------------------------------------------
 
@@ -1060,3 +1070,46 @@ def test_a_failed_forward_of_cache_misses_keeps_the_healthy_plan(
     sample = metrics.registry.get_sample_value
     assert sample("restune_cuda_graph_fallbacks_total", {"reason": "replay_failed"}) is None
     assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) == 1
+
+
+@pytest.fixture(scope="module")
+def poisoned_set(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
+    return poisoned_tuner_set(tiny_backbone)
+
+
+@ISOLATION_SETTINGS
+@given(case=poisoned_batches())
+def test_healthy_plan_answers_are_bit_for_bit_those_of_the_plan_without_the_poison(
+    case: tuple[list[Request], frozenset[str], int | None],
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    poisoned_set: dict[str, LoadedTuner],
+) -> None:
+    """The isolation property of the eager engine, on the plan path: poisoned tuners and an
+    absurd image co-batched with healthy requests. The batch that meets a culprit first answers
+    the healthy tasks within float rounding (eagerly when the culprit broke the capture); from
+    the next batch on (cold and from the feature cache), bit for bit the plan's answers of the
+    batch without the poison."""
+    requests, poisons, bad_slot = case
+    items = batch_items(tiny_backbone, poisoned_set, requests, bad_slot=bad_slot)
+    control = batch_items(
+        tiny_backbone, poisoned_set, requests, drop=poisons, healthy_slot=bad_slot
+    )
+    clean = _gpu_engine(runtime, tiny_backbone).run_batch(control).items
+    gpu = _gpu_engine(runtime, tiny_backbone, cache_bytes=1 << 20)
+    for attempt in range(3):
+        out = gpu.run_batch(items).items
+        for slot, (request, got, want) in enumerate(zip(requests, out, clean, strict=True)):
+            assert set(got.answers) == set(request.tasks)
+            for name in request.tasks:
+                answer = got.answers[name]
+                if name == "liar":
+                    assert answer["error"]["code"] == "backbone_mismatch", answer
+                elif slot == bad_slot:
+                    assert answer["error"]["code"] == "non_finite_features", answer
+                elif name in poisons:
+                    assert answer["error"]["code"] == ISOLATION_CODES[name], answer
+                elif attempt == 0:
+                    assert answers_close(answer, want.answers[name], 1e-5), (name, poisons)
+                else:
+                    assert answer == want.answers[name], (name, poisons, attempt)
