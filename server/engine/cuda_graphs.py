@@ -599,7 +599,8 @@ class GraphRunner:
         self._report()
 
     def on_tuner_changed(self, name: str, tuner: LoadedTuner | None) -> None:
-        """Task ``name`` now serves ``tuner`` (``None``: deleted, or not loaded here).
+        """Task ``name`` now serves ``tuner`` (``None``: deleted, or not loaded here); the
+        registry's swap listener calls it (through ``GpuEngine.on_tuner_swapped``).
 
         Every plan using ``name`` is rebuilt with ``tuner`` in its place (or without the task)
         and swapped in when ready; the old plan serves until then. Keys that failed to capture

@@ -214,6 +214,11 @@ class Engine:
         """Free what the engine holds beyond its caches; called once, after the last batch.
         The eager engine holds nothing to free (the GPU engine frees its graph plans)."""
 
+    def on_tuner_swapped(self, name: str, tuner: LoadedTuner | None) -> None:
+        """Task ``name`` now serves ``tuner`` (``None``: not loaded here); the registry calls
+        this on every swap. The eager engine builds nothing ahead of a batch (the GPU engine
+        queues the new version's graph plans)."""
+
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item; a failing task or image gets its own error, others answer."""
         if not items:
@@ -236,21 +241,34 @@ class Engine:
             self._image_failed(row, items[row], answers[row])
         fanout_s = time.perf_counter() - started
 
-        if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.observe(len(items))
-            m.fanout.observe(fanout_s)
-            if forwards:
-                m.backbone_forward.observe(backbone_s)
-                m.tasks_per_forward.observe(len({t.tuner.name for t in servable}))
-            for task in tasks.values():
-                m.predictions.labels(task=m.task_label(task.tuner.name)).inc(len(task.rows))
+        self._observe_batch(len(items), tasks, servable, backbone_s, fanout_s, forwards)
         return BatchOutput(
             [ItemOutput(a, hit) for a, hit in zip(answers, hits, strict=True)],
             backbone_ms=backbone_s * 1000.0,
             fanout_ms=fanout_s * 1000.0,
             forwards=forwards,
         )
+
+    def _observe_batch(
+        self,
+        size: int,
+        tasks: dict[TunerKey, _Task],
+        servable: Sequence[_Task],
+        backbone_s: float,
+        fanout_s: float,
+        forwards: int,
+    ) -> None:
+        """Record one batch in the metrics (shared with the GPU engine's plan path)."""
+        if self.metrics is None:
+            return
+        m = self.metrics
+        m.batch_size.observe(size)
+        m.fanout.observe(fanout_s)
+        if forwards:
+            m.backbone_forward.observe(backbone_s)
+            m.tasks_per_forward.observe(len({t.tuner.name for t in servable}))
+        for task in tasks.values():
+            m.predictions.labels(task=m.task_label(task.tuner.name)).inc(len(task.rows))
 
     @staticmethod
     def _tasks(items: Sequence[BatchItem]) -> dict[TunerKey, _Task]:
@@ -268,34 +286,58 @@ class Engine:
         put layers the backbone lacks into the batch's capture and fail every image of it.
         """
         tuner = task.tuner
-        b = self.backbone
-        ref = tuner.config.backbone
-        layers = tuner.module.feature_spec.layers
-        if ref.dim == b.dim and ref.depth == b.depth and layers[-1] <= b.depth:
+        detail = self._backbone_misfit(tuner)
+        if detail is None:
             return True
-        detail = (
-            f"task {tuner.name!r} v{tuner.version} was built for a backbone of depth "
-            f"{ref.depth}, width {ref.dim} (layers up to {layers[-1]}); this one has depth "
-            f"{b.depth}, width {b.dim}"
-        )
         self._failed(task, "backbone_mismatch", detail, len(task.rows))
         error = task_error("backbone_mismatch", detail)
         for row in task.rows:
             answers[row][tuner.name] = error
         return False
 
+    def _backbone_misfit(self, tuner: LoadedTuner) -> str | None:
+        """Why the backbone lacks what ``tuner`` reads, or ``None`` when it has it all."""
+        b = self.backbone
+        ref = tuner.config.backbone
+        layers = tuner.module.feature_spec.layers
+        if ref.dim == b.dim and ref.depth == b.depth and layers[-1] <= b.depth:
+            return None
+        return (
+            f"task {tuner.name!r} v{tuner.version} was built for a backbone of depth "
+            f"{ref.depth}, width {ref.dim} (layers up to {layers[-1]}); this one has depth "
+            f"{b.depth}, width {b.dim}"
+        )
+
+    def _cache_finite(
+        self, digests: Sequence[str], spec: FeatureSpec, data: torch.Tensor
+    ) -> list[bool]:
+        """Whether each image's features (L', M, N', D) are finite; only finite rows are cached
+        (under ``digests[j]``), so a cache hit is always finite."""
+        ok = _finite_rows(data)
+        fingerprint = self.backbone.fingerprint
+        for j, digest in enumerate(digests):
+            if ok[j]:
+                self.cache.put(digest, fingerprint, spec, data[:, j])
+        return ok
+
     def _features(
-        self, items: Sequence[BatchItem], spec: FeatureSpec
+        self,
+        items: Sequence[BatchItem],
+        spec: FeatureSpec,
+        cached: list[torch.Tensor | None] | None = None,
     ) -> tuple[Features, list[bool], int, list[bool]]:
         """Features (L', B, N', D) of every item for ``spec``: cache hits + one forward.
 
         Also whether each item's features are finite. Non-finite rows are not cached, and the
-        cache holds nothing else, so a hit is finite.
+        cache holds nothing else, so a hit is finite. ``cached``: the cache lookups of
+        ``items`` the caller already made (each lookup counts a hit or a miss).
         """
         fingerprint = self.backbone.fingerprint
-        rows: list[torch.Tensor | None] = [
-            self.cache.get(item.digest, fingerprint, spec) for item in items
-        ]
+        rows: list[torch.Tensor | None] = (
+            list(cached)
+            if cached is not None
+            else [self.cache.get(item.digest, fingerprint, spec) for item in items]
+        )
         hits = [r is not None for r in rows]
         finite = [True] * len(items)
         # Identical pixels in one batch are computed once.
@@ -308,11 +350,8 @@ class Engine:
             pixels = torch.stack([first_item[d].pixels for d in miss_digests])  # (M, 3, H, W)
             computed = self.backbone.forward_features(pixels, spec)  # (L', M, N', D)
             forwards = 1
-            ok = _finite_rows(computed.data)
+            ok = self._cache_finite(miss_digests, spec, computed.data)
             position = {d: j for j, d in enumerate(miss_digests)}
-            for d, j in position.items():
-                if ok[j]:
-                    self.cache.put(d, fingerprint, spec, computed.data[:, j])
             finite = [
                 r is not None or bool(ok[position[i.digest]])
                 for i, r in zip(items, rows, strict=True)

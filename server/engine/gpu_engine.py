@@ -14,8 +14,16 @@ a GPU (GPU.md: there the eager path is launch-bound and leaves most of the card 
 Anything a plan cannot run (no plan yet: it is queued and captured on the engine thread before
 the next batch; a capture or replay that failed; the feature cache's partial hits are fine)
 runs through the eager engine, counted in ``restune_cuda_graph_fallbacks_total``, never a
-failed request. Every row of a batch is on one device before anything is stacked: images
-decoded on the GPU and images decoded on the host may share a batch.
+failed request.
+
+Failures are isolated as in the eager engine: the plan's key holds only the tasks the backbone
+can serve that never failed here, so a culprit that would break the capture costs one eager
+batch (which quarantines it), not every later batch holding it; quarantined tasks run alone
+beside the plan, tasks whose config lies about the backbone answer ``backbone_mismatch``, and
+an image with non-finite features answers ``non_finite_features`` and is never cached.
+
+Every row of a batch is on one device before anything is stacked: images decoded on the GPU
+and images decoded on the host may share a batch.
 """
 
 from __future__ import annotations
@@ -23,12 +31,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from restuning.features import FeatureSpec
+from restuning.features import Features, FeatureSpec
 from restuning.kernels.grouped_adapter import GroupedSetting
 from server.engine.buckets import DEFAULT_BUCKETS, bucket_for, split_rows, validate_buckets
 from server.engine.cuda_graphs import (
@@ -117,6 +125,11 @@ class GpuEngine(Engine):
         super().forget_tuner(tuner)
         self.graphs.forget(tuner.key)
 
+    def on_tuner_swapped(self, name: str, tuner: LoadedTuner | None) -> None:
+        """The registry swapped in ``tuner`` for ``name``: the plans that used the old version
+        are queued for the new one and built between batches, so its first batches replay."""
+        self.graphs.on_tuner_changed(name, tuner)
+
     def run_batch(self, items: Sequence[BatchItem]) -> BatchOutput:
         """Answers for every item, from a graph plan when there is one, else eagerly."""
         if not items:
@@ -140,64 +153,102 @@ class GpuEngine(Engine):
                 forwards=sum(p.forwards for p in parts),
             )
         tasks = self._tasks(items)
-        if not tasks:
+        # The plan holds the tasks the backbone can serve that never failed here; the others
+        # (a config that lies about the backbone, a quarantined culprit) would fail its
+        # capture or poison its key, and every healthy task of the batch would lose the graph.
+        graphed = [
+            t
+            for t in tasks.values()
+            if self._backbone_misfit(t.tuner) is None and not self.quarantined(t.tuner.key)
+        ]
+        if not graphed:
             return super().run_batch(items)
         bucket = bucket_for(len(items), self.buckets)
         assert bucket is not None  # larger batches were split above
-        groups = group_tuners(t.tuner for t in tasks.values())
+        groups = group_tuners(t.tuner for t in graphed)
         key = graph_key(bucket, groups)
         plan = self.graphs.get(key, groups)
         if plan is None:
             return super().run_batch(items)
+        started = time.perf_counter()
         try:
-            return self._run_plan(plan, items, tasks)
+            replayed = self._replay(plan, items)
         except _InputError:
-            # The batch's inputs could not be staged: the plan is healthy, the batch runs
-            # eagerly (where the same fault becomes per-task errors).
-            log.exception("staging the batch for its plan failed; running it eagerly")
+            # The batch's inputs could not be staged, or the eager forward of its cache misses
+            # failed: the plan is healthy, the batch runs eagerly (where the same fault becomes
+            # per-task errors or the batch's own failure, as without a plan).
+            log.exception("preparing the batch for its plan failed; running it eagerly")
             return super().run_batch(items)
         except Exception:
             # A plan that fails to replay is dropped for good; the batch still answers.
             log.exception("replaying the CUDA graph plan failed; running the batch eagerly")
             self.graphs.discard(key, "replay_failed")
             return super().run_batch(items)
-
-    def _run_plan(
-        self, plan: Plan, items: Sequence[BatchItem], tasks: dict[TunerKey, _Task]
-    ) -> BatchOutput:
-        spec = plan.key.spec
-        started = time.perf_counter()
-        out, hits, forwards = self._replay(plan, items, spec)
         compute_s = time.perf_counter() - started
+        return self._answer_plan(replayed, items, tasks, graphed, compute_s)
 
+    def _answer_plan(
+        self,
+        replayed: _Replayed,
+        items: Sequence[BatchItem],
+        tasks: dict[TunerKey, _Task],
+        graphed: list[_Task],
+        compute_s: float,
+    ) -> BatchOutput:
+        """Answers of a replayed batch, with the CPU engine's isolation: tasks the backbone
+        cannot serve answer ``backbone_mismatch``, quarantined tasks run alone through the
+        eager fan-out, images with non-finite features answer ``non_finite_features``.
+
+        A plan task whose rows come out non-finite answers that per row and stays in the plan:
+        every task has its own matmuls there, so its numbers cannot reach the others' answers
+        (quarantining it would only add an eager run beside every later replay)."""
+        out = replayed.out
         answers: list[dict[str, Answer]] = [{} for _ in items]
         started = time.perf_counter()
-        for group, outputs in zip(plan.tuners, out.outputs, strict=True):
+        servable = [t for t in tasks.values() if self._servable(t, answers)]
+        bad_images = frozenset(i for i, ok in enumerate(replayed.finite) if not ok)
+        for group, outputs in zip(replayed.plan.tuners, out.outputs, strict=True):
             for k, tuner in enumerate(group):
                 task = tasks[tuner.key]
                 rows = outputs[k, task.rows]  # (n, C) float32, host
-                self._answer(task, rows, items, answers)
+                self._answer(task, rows, items, answers, bad_images)
+        in_plan = {t.tuner.key for t in graphed}
+        riders = [t for t in servable if t.tuner.key not in in_plan]
+        forwards = replayed.forwards
+        if riders:
+            features, extra = self._rider_features(replayed, items, riders)
+            forwards += extra
+            self._fan_out(features, riders, items, answers, bad_images)
+        for row in sorted(bad_images):
+            self._image_failed(row, items[row], answers[row])
         answer_s = time.perf_counter() - started
 
         # The plan's own times of its two parts (CUDA events on a GPU), plus building the
-        # answers; an eager forward for cache misses is what the rest of the compute took.
+        # answers (and running quarantined tasks, their own forward included); an eager
+        # forward for cache misses is what the rest of the compute took.
         fanout_ms = out.fanout_ms + answer_s * 1e3
         backbone_ms = out.backbone_ms or max(0.0, compute_s * 1e3 - out.fanout_ms)
-        if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.observe(len(items))
-            m.fanout.observe(fanout_ms / 1e3)
-            if forwards:
-                m.backbone_forward.observe(backbone_ms / 1e3)
-                m.tasks_per_forward.observe(len({t.tuner.name for t in tasks.values()}))
-            for task in tasks.values():
-                m.predictions.labels(task=m.task_label(task.tuner.name)).inc(len(task.rows))
+        self._observe_batch(
+            len(items), tasks, servable, backbone_ms / 1e3, fanout_ms / 1e3, forwards
+        )
         return BatchOutput(
-            [ItemOutput(a, hit) for a, hit in zip(answers, hits, strict=True)],
+            [ItemOutput(a, hit) for a, hit in zip(answers, replayed.hits, strict=True)],
             backbone_ms=backbone_ms,
             fanout_ms=fanout_ms,
             forwards=forwards,
         )
+
+    def _rider_features(
+        self, replayed: _Replayed, items: Sequence[BatchItem], riders: list[_Task]
+    ) -> tuple[Features, int]:
+        """Features for the tasks that run beside the plan, and the forwards that cost: the
+        plan's own when they cover what the riders read, else one eager forward (or cache
+        hits) for the riders' spec."""
+        spec = FeatureSpec.union(t.tuner.module.feature_spec for t in riders)
+        if replayed.features is not None and replayed.features.spec.covers(spec):
+            return self._on_tuner_device(replayed.features), 0
+        features, _, forwards, _ = self._features(items, spec)
+        return features, forwards
 
     def _one_device(self, items: Sequence[BatchItem]) -> Sequence[BatchItem]:
         """``items`` with every image on one device: when some were decoded on the GPU, the
@@ -213,11 +264,14 @@ class GpuEngine(Engine):
             for item in items
         ]
 
-    def _replay(
-        self, plan: Plan, items: Sequence[BatchItem], spec: FeatureSpec
-    ) -> tuple[PlanOutput, list[bool], int]:
+    def _replay(self, plan: Plan, items: Sequence[BatchItem]) -> _Replayed:
         """Run the plan on the batch: the whole plan on pixels when no image hit the feature
-        cache, else the fan-out on cached features plus one eager forward for the misses."""
+        cache, else the fan-out on the features the CPU engine gathers (hits plus one eager
+        forward for the misses). Only finite features are cached, as on the eager path.
+
+        Raises :class:`_InputError` when staging or the eager forward failed (not the plan).
+        """
+        spec = plan.key.spec
         fingerprint = self.backbone.fingerprint
         cached = [self.cache.get(item.digest, fingerprint, spec) for item in items]
         hits = [c is not None for c in cached]
@@ -227,22 +281,17 @@ class GpuEngine(Engine):
             except Exception as exc:
                 raise _InputError(str(exc)) from exc
             out = plan.run_pixels(staged)
-            if self.cache.enabled and out.features is not None:
-                for j, item in enumerate(items):
-                    self.cache.put(item.digest, fingerprint, spec, out.features[:, j])
-            return out, hits, 1
-        forwards = 0
-        missing = [i for i, c in enumerate(cached) if c is None]
-        if missing:
-            pixels = torch.stack([items[i].pixels for i in missing])  # (M, 3, H, W)
-            computed = self.backbone.forward_features(pixels, spec).data  # (L', M, N', D)
-            forwards = 1
-            for j, i in enumerate(missing):
-                cached[i] = computed[:, j]
-                self.cache.put(items[i].digest, fingerprint, spec, computed[:, j])
-        device = self.tuner_device
-        rows = [c.to(device) for c in cached if c is not None]
-        return plan.run_features(torch.stack(rows, dim=1)), hits, forwards  # (L', B, N', D)
+            if out.features is None:  # a plan that does not hand its features back
+                return _Replayed(plan, out, None, hits, [True] * len(items), 1)
+            digests = [item.digest for item in items]
+            finite = self._cache_finite(digests, spec, out.features)  # (L', B, N', D)
+            return _Replayed(plan, out, Features(spec, out.features), hits, finite, 1)
+        try:
+            features, hits, forwards, finite = self._features(items, spec, cached)
+        except Exception as exc:
+            raise _InputError(str(exc)) from exc
+        out = plan.run_features(features.data)  # (L', B, N', D)
+        return _Replayed(plan, out, features, hits, finite, forwards)
 
     def _stage(self, pixels: Sequence[Tensor]) -> Tensor:
         """The batch (B, 3, H, W) stacked into pinned host memory (on the device: as is).
@@ -262,7 +311,23 @@ class GpuEngine(Engine):
 
 
 class _InputError(RuntimeError):
-    """Staging a batch's inputs failed: a fault of the batch, not of its plan."""
+    """Staging a batch's inputs, or the eager forward of its cache misses, failed: a fault of
+    the batch, not of its plan."""
+
+
+@dataclass(frozen=True)
+class _Replayed:
+    """One batch through its plan: what the answers are built from."""
+
+    plan: Plan
+    out: PlanOutput
+    features: Features | None
+    """The plan's features of the batch (L', B, N', D) of ``plan.key.spec``, valid until the
+    plan's next run; ``None`` when the plan does not hand them back."""
+    hits: list[bool]
+    finite: list[bool]
+    """Whether each image's features are finite (an absurd image's are not)."""
+    forwards: int
 
 
 def build_engine(

@@ -84,6 +84,9 @@ HASH_IN_THREAD_BYTES = 1024 * 1024
 """Uploads at least this large are hashed off the event loop."""
 UnloadListener = Callable[[LoadedTuner], None]
 """Told when an unloaded version is no longer used by any request (or the drain gave up)."""
+SwapListener = Callable[[str, LoadedTuner | None], None]
+"""Told on the event loop when a name's served version changes: the new version as loaded
+here, or ``None`` when it is not loaded here. Must be quick (it only queues work)."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class TunerRegistry:
         """Requests using each loaded version (unloading waits for them)."""
         self._retiring: dict[LoadedTuner, asyncio.Task[bool]] = {}
         self._unload_listeners: list[UnloadListener] = []
+        self._swap_listeners: list[SwapListener] = []
         self._registering: dict[tuple[str, str], asyncio.Future[tuple[VersionInfo, bool]]] = {}
         """In-flight registrations by (name, sha256): identical concurrent uploads join one."""
         self._answers: dict[VersionKey, int] = {}
@@ -499,6 +503,10 @@ class TunerRegistry:
     def add_unload_listener(self, listener: UnloadListener) -> None:
         """Call ``listener`` with every version once it is unloaded and drained."""
         self._unload_listeners.append(listener)
+
+    def add_swap_listener(self, listener: SwapListener) -> None:
+        """Call ``listener(name, loaded)`` whenever another version of ``name`` is swapped in."""
+        self._swap_listeners.append(listener)
 
     def unload(self, name: str) -> int:
         """Drop every loaded version of ``name`` from memory (it stays registered and loads
@@ -867,6 +875,12 @@ class TunerRegistry:
             self._traffic.pop(name, None)
         self._spawn(self._refresh_traffic(name))
         if previous is not None and previous.version != info.version:
+            loaded = self._loaded.get((name, info.version))
+            for listener in self._swap_listeners:
+                try:
+                    listener(name, loaded)
+                except Exception:  # a listener's fault must not stop the swap
+                    log.exception("a swap listener failed for tuner %s v%d", name, info.version)
             self._unload((name, previous.version))
             self._report()
 

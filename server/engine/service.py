@@ -159,6 +159,8 @@ class InferenceService:
         )
         # An unloaded version's stacked groups go with it, or they would keep it in memory.
         self.registry.add_unload_listener(self.engine.forget_tuner)
+        # A new version's graph plans (CUDA) are queued as it is swapped in, not on first use.
+        self.registry.add_swap_listener(self.engine.on_tuner_swapped)
         self.metrics.watch_tuners(self.registry.tuner_state)
         await self.registry.start()
         self.batcher = MicroBatcher(

@@ -9,6 +9,7 @@ The tests marked for CUDA capture real graphs and skip without a GPU.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import io
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
 from PIL import Image
 from pydantic import ValidationError
 
@@ -52,7 +54,23 @@ from server.metrics import Metrics
 from server.settings import Settings
 from tests.fixtures.models import tiny_image
 from tests.server.engine.conftest import ArtifactFactory
-from tests.server.engine.engine_kit import RecordingRuntime, answers_close, loaded_tuner, pixels_of
+from tests.server.engine.engine_kit import (
+    RecordingRuntime,
+    answers_close,
+    loaded_tuner,
+    open_registry,
+    pixels_of,
+)
+from tests.server.engine.test_isolation import EXPECTED_CODE as ISOLATION_CODES
+from tests.server.engine.test_isolation import SETTINGS as ISOLATION_SETTINGS
+from tests.server.engine.test_isolation import (
+    Request,
+    as_loaded,
+    batch_items,
+    liar_task,
+    poisoned_batches,
+    poisoned_tuner_set,
+)
 
 # --- buckets and padding ------------------------------------------------------------------------
 
@@ -852,3 +870,246 @@ def test_a_batch_that_fails_to_stage_keeps_its_healthy_plan(
         )
         is None
     )
+
+
+# --- failure isolation on the plan path, plans queued on a swap -------------------------------
+
+
+def _raises(tuner: LoadedTuner) -> LoadedTuner:
+    """``tuner`` with a forward that raises and a head no stack accepts (its plan cannot be
+    built): the faults an artifact cannot carry, made in memory as the isolation tests do."""
+    broken = copy.deepcopy(tuner)
+    broken.module.forward = _explode  # type: ignore[method-assign]
+    broken.module.head.weight = torch.nn.Parameter(torch.zeros(1))
+    return broken
+
+
+def _explode(*_: object, **__: object) -> torch.Tensor:
+    raise RuntimeError("kernel exploded")
+
+
+def test_a_poisoned_tuner_leaves_the_healthy_tasks_on_their_plan(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    """A task that breaks its plan's capture is quarantined by its first (eager) batch; from
+    then on the plan holds the healthy tasks only, bit for bit the plan of the batch without
+    the poison, and the poisons answer their own errors beside it: one that reads what the plan
+    captured on the plan's features, one that reads more (all tokens) on one eager forward."""
+    healthy = {
+        name: loaded_tuner(tiny_backbone, artifact(name, seed=seed, layers=(1, 2)))
+        for seed, name in enumerate(("cls_a", "cls_b", "cls_c"))
+    }
+    raises = _raises(loaded_tuner(tiny_backbone, artifact("raises", seed=10, layers=(1, 2))))
+    wide = loaded_tuner(tiny_backbone, artifact("wide_head", seed=9, pooling="mean"))
+    wide.module.head = torch.nn.Linear(tiny_backbone.dim, wide.config.num_outputs + 2)
+    liar = as_loaded(liar_task(tiny_backbone))
+    a, b, c = healthy.values()
+    plan = [
+        (0, [a, raises, b, liar]),
+        (1, [c, wide]),
+        (2, [a, c, raises, wide]),
+    ]
+    poisons = {raises.key, wide.key, liar.key}
+    control = [(i, [t for t in ts if t.key not in poisons]) for i, ts in plan]
+    clean = _gpu_engine(runtime, tiny_backbone)
+    want = clean.run_batch(_items(tiny_backbone, control))
+    (clean_key,) = clean.graphs.keys()
+
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics)
+    items = _items(tiny_backbone, plan)
+    first = gpu.run_batch(items)  # the plan with the poisons fails to build: eager
+    assert gpu.quarantined(raises.key)
+    assert gpu.quarantined(wide.key)
+    codes = {"raises": "task_failed", "wide_head": "bad_output_shape", "liar": "backbone_mismatch"}
+    for _ in range(2):
+        out = gpu.run_batch(items)
+        assert gpu.graphs.keys() == [clean_key]
+        assert out.forwards == 2  # the plan's forward, and one of all tokens for wide_head
+        for got, was, wanted, (_, tasks) in zip(
+            out.items, first.items, want.items, plan, strict=True
+        ):
+            for tuner in tasks:
+                answer = got.answers[tuner.name]
+                if tuner.key in poisons:
+                    assert answer["error"]["code"] == codes[tuner.name], answer
+                    assert was.answers[tuner.name]["error"]["code"] == codes[tuner.name]
+                else:
+                    assert answer == wanted.answers[tuner.name]
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "capture_failed"}) == 1
+    assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) == 1
+    for name, code in codes.items():
+        asked = sum(name in {t.name for t in ts} for _, ts in plan)
+        counted = sample("restune_task_failures_total", {"task": name, "reason": code})
+        assert counted == 3 * asked, name
+
+
+def test_a_bad_image_on_the_plan_path_costs_only_itself_and_is_never_cached(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, tuners: dict[str, LoadedTuner]
+) -> None:
+    """Features that overflow answer ``non_finite_features`` for their image, on the pixel
+    replay and on the cached-features replay alike, and never enter the feature cache."""
+    t = tuners
+    asks = [t["cls_a"], t["cls_b"], t["mean_r"]]
+    good = _items(tiny_backbone, [(0, asks), (1, asks), (2, asks)])
+    control = _items(tiny_backbone, [(0, asks), (7, asks), (2, asks)])
+    bad = replace(good[1], pixels=good[1].pixels * 1e30, digest="absurd-" + good[1].digest)
+    poisoned = [good[0], bad, good[2]]
+    want = _gpu_engine(runtime, tiny_backbone).run_batch(control)
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, cache_bytes=1 << 20, metrics=metrics)
+    # Cold: every image runs through the whole plan. Warm: two hit the cache, the bad one
+    # misses again (it was not cached) and the plan replays on the gathered features.
+    for expect_hits in ([False, False, False], [True, False, True]):
+        out = gpu.run_batch(poisoned)
+        assert len(gpu.graphs) == 1
+        assert [o.cache_hit for o in out.items] == expect_hits
+        for tuner in asks:
+            assert out.items[1].answers[tuner.name]["error"]["code"] == "non_finite_features"
+        for slot in (0, 2):
+            assert out.items[slot].answers == want.items[slot].answers
+        (key,) = gpu.graphs.keys()
+        assert gpu.cache.get(bad.digest, runtime.fingerprint, key.spec) is None
+    failures = [
+        metrics.registry.get_sample_value(
+            "restune_task_failures_total", {"task": tuner.name, "reason": "non_finite_features"}
+        )
+        for tuner in asks
+    ]
+    assert failures == [2, 2, 2]
+    assert metrics.registry.get_sample_value("restune_cuda_graph_fallbacks_total") is None
+
+
+def test_a_swap_queues_the_new_versions_plans_so_its_first_batch_replays(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    settings: Settings,
+    artifact: ArtifactFactory,
+) -> None:
+    """The registry tells the engine of each swap; the plans the old version had are queued
+    for the new one and built before the next batch, which replays instead of running eagerly.
+    """
+    metrics = Metrics()
+    factory = PlanFactory(
+        tiny_backbone.forward_features, (3, 32, 32), torch.device("cpu"), torch.float32
+    )
+    gpu = _gpu_engine(runtime, tiny_backbone, metrics=metrics, background=True, build=factory)
+    sample = metrics.registry.get_sample_value
+
+    def batch(*tasks: LoadedTuner) -> None:
+        out = gpu.run_batch(_items(tiny_backbone, [(0, list(tasks)), (1, list(tasks))]))
+        assert all("error" not in a for o in out.items for a in o.answers.values())
+
+    async def main() -> None:
+        async with open_registry(settings, runtime) as reg:
+            reg.add_swap_listener(gpu.on_tuner_swapped)
+            await reg.register("a", artifact("a", seed=1, layers=(1, 2)))
+            await reg.register("b", artifact("b", seed=2, layers=(1, 2)))
+            a1, b1 = await reg.resolve("a"), await reg.resolve("b")
+            batch(a1, b1)  # runs eagerly, queues the plan
+            batch(a1, b1)  # builds it first, then replays
+            assert sample("restune_cuda_graph_fallbacks_total", {"reason": "building"}) == 1
+            await reg.register("a", artifact("a", seed=3, layers=(1, 2)))
+            a2 = await reg.resolve("a")
+            assert a2.version == 2
+            (queued,) = gpu.graphs.queued()
+            assert queued == graph_key(2, group_tuners([a2, b1]))
+            batch(a2, b1)
+            assert gpu.graphs.keys() == [queued]  # the old version's plan was swapped out
+            assert sample("restune_cuda_graph_fallbacks_total", {"reason": "building"}) == 1
+            assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) == 2
+
+    asyncio.run(main())
+
+
+def test_a_failing_swap_listener_does_not_stop_the_swap(
+    runtime: RecordingRuntime, settings: Settings, artifact: ArtifactFactory
+) -> None:
+    seen: list[tuple[str, int | None]] = []
+
+    def broken(name: str, tuner: LoadedTuner | None) -> None:
+        raise RuntimeError("listener exploded")
+
+    async def main() -> None:
+        async with open_registry(settings, runtime) as reg:
+            reg.add_swap_listener(broken)
+            reg.add_swap_listener(lambda n, t: seen.append((n, None if t is None else t.version)))
+            await reg.register("a", artifact("a", seed=1))
+            await reg.register("a", artifact("a", seed=2))
+            assert (await reg.resolve("a")).version == 2
+
+    asyncio.run(main())
+    assert seen == [("a", 2)]
+
+
+def test_a_failed_forward_of_cache_misses_keeps_the_healthy_plan(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    tuners: dict[str, LoadedTuner],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager forward beside a replay (cache misses next to hits) is the backbone's, not
+    the plan's: when it fails the batch fails as it would without a plan, and the plan stays."""
+    metrics = Metrics()
+    gpu = _gpu_engine(runtime, tiny_backbone, cache_bytes=1 << 20, metrics=metrics)
+    asks = [tuners["cls_a"], tuners["cls_b"]]
+    gpu.run_batch(_items(tiny_backbone, [(0, asks), (1, asks)]))
+    mixed = _items(tiny_backbone, [(0, asks), (2, asks)])  # image 2 misses
+
+    def broken(images: torch.Tensor, spec: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "forward_features", broken)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            gpu.run_batch(mixed)
+    out = gpu.run_batch(mixed)
+    assert out.forwards == 1
+    assert len(gpu.graphs) == 1
+    sample = metrics.registry.get_sample_value
+    assert sample("restune_cuda_graph_fallbacks_total", {"reason": "replay_failed"}) is None
+    assert sample("restune_cuda_graph_captures_total", {"result": "ok"}) == 1
+
+
+@pytest.fixture(scope="module")
+def poisoned_set(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
+    return poisoned_tuner_set(tiny_backbone)
+
+
+@ISOLATION_SETTINGS
+@given(case=poisoned_batches())
+def test_healthy_plan_answers_are_bit_for_bit_those_of_the_plan_without_the_poison(
+    case: tuple[list[Request], frozenset[str], int | None],
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    poisoned_set: dict[str, LoadedTuner],
+) -> None:
+    """The isolation property of the eager engine, on the plan path: poisoned tuners and an
+    absurd image co-batched with healthy requests. The batch that meets a culprit first answers
+    the healthy tasks within float rounding (eagerly when the culprit broke the capture); from
+    the next batch on (cold and from the feature cache), bit for bit the plan's answers of the
+    batch without the poison."""
+    requests, poisons, bad_slot = case
+    items = batch_items(tiny_backbone, poisoned_set, requests, bad_slot=bad_slot)
+    control = batch_items(
+        tiny_backbone, poisoned_set, requests, drop=poisons, healthy_slot=bad_slot
+    )
+    clean = _gpu_engine(runtime, tiny_backbone).run_batch(control).items
+    gpu = _gpu_engine(runtime, tiny_backbone, cache_bytes=1 << 20)
+    for attempt in range(3):
+        out = gpu.run_batch(items).items
+        for slot, (request, got, want) in enumerate(zip(requests, out, clean, strict=True)):
+            assert set(got.answers) == set(request.tasks)
+            for name in request.tasks:
+                answer = got.answers[name]
+                if name == "liar":
+                    assert answer["error"]["code"] == "backbone_mismatch", answer
+                elif slot == bad_slot:
+                    assert answer["error"]["code"] == "non_finite_features", answer
+                elif name in poisons:
+                    assert answer["error"]["code"] == ISOLATION_CODES[name], answer
+                elif attempt == 0:
+                    assert answers_close(answer, want.answers[name], 1e-5), (name, poisons)
+                else:
+                    assert answer == want.answers[name], (name, poisons, attempt)

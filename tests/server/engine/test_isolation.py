@@ -106,6 +106,12 @@ def as_loaded(module: TaskModule) -> LoadedTuner:
 @pytest.fixture(scope="module")
 def tuners(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
     """Healthy tasks (cls_a/b/c stack together) and every poisoned tuner, by name."""
+    return poisoned_tuner_set(tiny_backbone)
+
+
+def poisoned_tuner_set(tiny_backbone: TorchBackbone) -> dict[str, LoadedTuner]:
+    """The tuners of :data:`HEALTHY` and :data:`POISONS` by name (the GPU engine's tests
+    co-batch the same set)."""
 
     def art(name: str, seed: int, **kw: Any) -> bytes:
         cfg = make_config(name, tiny_backbone, **kw)
