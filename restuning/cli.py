@@ -11,6 +11,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from restuning.train import LabeledImages, TaskOptions, TrainedTask, TrainOptions
+    from restuning.train.augment import AugmentOptions
+    from restuning.train.feature_cache import FeatureBackbone
 
 # Relative max-abs difference allowed between converted weights and the ONNX original; measured
 # ~3e-6 on CPU, so anything near this bound means a wrong mapping, not rounding.
@@ -137,6 +143,12 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--tuner", choices=["res_adapter", "res_prefix", "res_prompt"], default="res_adapter"
     )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="train the short list of bypass shapes (tuner, pooling, layers) on the same "
+        "split, print each one's validation score and serving cost, keep the best",
+    )
     parser.add_argument("--embedding-dim", type=int, default=64, help="for --task embedding")
     parser.add_argument("--description", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -219,17 +231,22 @@ def train_command(args: argparse.Namespace) -> int:
         backbone = load_backbone(arch, weights)
         data = load_data(args.data, args.task)
         started = time.perf_counter()
-        trained = train_task(
-            data,
-            args.name,
-            backbone,
-            task=task,
-            options=options,
-            cache_dir=args.cache_dir or restune_home() / "features",
-            augment=AugmentOptions() if args.augment else None,
-            val_fraction=args.val_fraction,
-            progress=not args.quiet,
-        )
+        cache_dir = args.cache_dir or restune_home() / "features"
+        augment = AugmentOptions() if args.augment else None
+        if args.search:
+            trained = _search(args, data, backbone, task, options, cache_dir, augment)
+        else:
+            trained = train_task(
+                data,
+                args.name,
+                backbone,
+                task=task,
+                options=options,
+                cache_dir=cache_dir,
+                augment=augment,
+                val_fraction=args.val_fraction,
+                progress=not args.quiet,
+            )
     except (DataError, BackboneLoadError, ValueError) as err:
         print(f"restune train: {err}", file=sys.stderr)
         return 2
@@ -254,6 +271,45 @@ def train_command(args: argparse.Namespace) -> int:
         state = "registered" if result.created else "unchanged (identical bytes)"
         print(f"pushed {result.name} v{result.version} to {args.push}: {state}")
     return 0
+
+
+def _search(
+    args: argparse.Namespace,
+    data: LabeledImages,
+    backbone: FeatureBackbone,
+    task: TaskOptions,
+    options: TrainOptions,
+    cache_dir: Path,
+    augment: AugmentOptions | None,
+) -> TrainedTask:
+    """``--search``: every candidate shape on the same split; prints one line each and the
+    pick; returns the picked task."""
+    from restuning.train.search import SearchRow, search
+
+    def show(row: SearchRow) -> None:
+        s = row.trained.summary
+        score = f"{s.val_metric} {row.val_score:.4f}" if row.val_score is not None else "no score"
+        cost = f"{row.cost_x:.2f}x" if row.cost_x is not None else "?"
+        print(
+            f"search {row.candidate.name:17s} val {score}, serving {cost} one forward at "
+            f"K=19, {row.seconds:.1f} s",
+            flush=True,
+        )
+
+    best, _rows = search(
+        data,
+        args.name,
+        backbone,
+        task=task,
+        options=options,
+        cache_dir=cache_dir,
+        augment=augment,
+        val_fraction=args.val_fraction,
+        progress=not args.quiet,
+        report=show,
+    )
+    print(f"search: keeping {best.candidate.name}")
+    return best.trained
 
 
 def register_export_onnx(

@@ -3,18 +3,22 @@ weights are random), and the paper-form Res-Prefix against the backbone's own at
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.efficacy import METHODS, PROFILES, FrozenQueryPrefix, run
+from bench.efficacy_report import TITLE
+from bench.report import render
 from restuning.backbone import load_backbone
 from restuning.vit import Block
 
 
 @pytest.mark.slow
-def test_smoke_profile_reports_every_task_and_method() -> None:
+def test_smoke_profile_reports_every_task_and_method(tmp_path: Path) -> None:
     report = run(smoke=True)
     profile = PROFILES["smoke"]
     names = [t["task"] for t in report["tasks"]]
@@ -36,6 +40,13 @@ def test_smoke_profile_reports_every_task_and_method() -> None:
     costs = report["serving"]["x_plain"]
     assert set(costs) == {m.name for m in METHODS}
     assert all(math.isfinite(x) and x > 0 for x in costs.values())
+
+    (tmp_path / "efficacy.json").write_text(json.dumps(report))
+    rendered = render(tmp_path).read_text()
+    assert TITLE in rendered
+    assert f"on **{summary['bypass_wins']} of {summary['tasks']} tasks**" in rendered
+    for name in names:
+        assert f"| {name} (" in rendered
 
 
 def test_frozen_query_prefix_is_the_blocks_attention_over_the_prefix_tokens() -> None:
