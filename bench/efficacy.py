@@ -142,13 +142,15 @@ class Profile:
     structured: tuple[str, ...] = (*STRUCTURED, "photo-crops")
     demo: tuple[str, ...] = ("digits", "textures")
     serve_repeats: int = 5
-    batch_size: int = 32
-    patience: int | None = 20
+    batch_size: int = 16
+    patience: int | None = None
 
     def train_options(self, seed: int) -> TrainOptions:
-        """The schedule of every bypass and of ``inner-adapter`` (AdamW 1e-3, warm-up + cosine):
-        with 160 training images and 32 a step, 60 epochs are 300 steps; the trainer's 30
-        epochs at 64 a step were 90 steps, too few to fit a spatial task."""
+        """The schedule of every bypass and of ``inner-adapter`` (AdamW 1e-3, warm-up + cosine,
+        best validation epoch kept): with 160 training images and 16 a step, 30 epochs are 300
+        steps. The trainer's former default (64 a step) gave 90 steps, too few to fit a
+        spatial task (loc-x: 15% test accuracy against 29% after 1,000 steps); early stopping
+        on 40 validation images stopped runs at noise."""
         return TrainOptions(
             epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=seed
         )
@@ -178,12 +180,11 @@ PROFILES: dict[ProfileName, Profile] = {
         train_size=200,
         test_size=150,
         seeds=(0,),
-        epochs=60,
+        epochs=30,
         inner_epochs=8,
         inner_tasks=("count",),
         demo_per_class=30,
         demo=("digits",),
-        patience=10,
     ),
     "full": Profile(
         "vit_small_patch14_dinov2",
@@ -192,8 +193,9 @@ PROFILES: dict[ProfileName, Profile] = {
         train_size=1000,
         test_size=500,
         seeds=(0, 1, 2),
-        epochs=80,
+        epochs=30,
         inner_epochs=30,
+        batch_size=32,
         inner_tasks=None,
         demo_per_class=100,
     ),

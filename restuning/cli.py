@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
 # Relative max-abs difference allowed between converted weights and the ONNX original; measured
 # ~3e-6 on CPU, so anything near this bound means a wrong mapping, not rounding.
 VERIFY_TOLERANCE = 1e-3
+
+# `restune train` defaults, from the accuracy benchmark (docs/TRAINING.md, bench/efficacy.py):
+# the bypass over the last 6 blocks matched or beat every block at a lower serving cost, and
+# 16 images a step gave small sets enough steps (64 a step left spatial tasks unfitted).
+DEFAULT_TOP_LAYERS = 6
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_EPOCHS = 30
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -132,12 +140,21 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--weights", default=None, help="backbone weights file or random:SEED (needs --backbone)"
     )
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per step (default {DEFAULT_BATCH_SIZE}: enough steps on small sets)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--patience", type=int, default=None, help="early stopping, in epochs")
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--layers", default=None, help="first-last block, 1-based (default: all)")
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help=f"FIRST-LAST block (1-based) or 'all' (default: the last {DEFAULT_TOP_LAYERS} blocks)",
+    )
     parser.add_argument("--bottleneck", type=int, default=32)
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
     parser.add_argument(
@@ -170,8 +187,12 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.set_defaults(func=train_command)
 
 
-def _parse_layers(text: str | None) -> tuple[int, int] | None:
+def _parse_layers(text: str | None, depth: int) -> tuple[int, int] | None:
+    """``--layers``: FIRST-LAST, one block, ``all`` (None: every block) or, when not given,
+    the last DEFAULT_TOP_LAYERS blocks of a ``depth``-block backbone."""
     if text is None:
+        return (max(1, depth - DEFAULT_TOP_LAYERS + 1), depth)
+    if text.strip() == "all":
         return None
     first, sep, last = text.partition("-")
     if not sep:
@@ -207,10 +228,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        layers = _parse_layers(args.layers)
+        _parse_layers(args.layers, 1)  # a malformed --layers fails before any loading
         task = TaskOptions(
             tuner=args.tuner,
-            layers=layers,
             bottleneck=args.bottleneck,
             pooling=args.pooling,
             embedding_dim=args.embedding_dim,
@@ -229,6 +249,7 @@ def train_command(args: argparse.Namespace) -> int:
                 f"--backbone {args.backbone} has no --weights; the default backbone is {arch}"
             )
         backbone = load_backbone(arch, weights)
+        task = replace(task, layers=_parse_layers(args.layers, backbone.depth))
         data = load_data(args.data, args.task)
         started = time.perf_counter()
         cache_dir = args.cache_dir or restune_home() / "features"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.efficacy import METHODS, PROFILES, FrozenQueryPrefix, run
-from bench.efficacy_report import TITLE
+from bench.efficacy_report import TITLE, selection_margins
 from bench.report import render
 from restuning.backbone import load_backbone
 from restuning.vit import Block
@@ -47,6 +47,10 @@ def test_smoke_profile_reports_every_task_and_method(tmp_path: Path) -> None:
     assert f"on **{summary['bypass_wins']} of {summary['tasks']} tasks**" in rendered
     for name in names:
         assert f"| {name} (" in rendered
+    margins = selection_margins(report)
+    assert len(margins["val_picked"]) == len(names)
+    assert len(margins["default_vs_probe_cls"]) == len(names)
+    assert f"on **{margins['val_picked_wins']} of {len(names)}** tasks" in rendered
 
 
 def test_frozen_query_prefix_is_the_blocks_attention_over_the_prefix_tokens() -> None:

@@ -69,3 +69,14 @@ def test_serving_cost_is_measured_for_cls_and_all_token_tasks(
     assert costs["mean"] > 0
     with pytest.raises(ValueError, match="out of range"):
         serving_cost(tiny_backbone, module, tasks=0)
+
+
+def test_default_layers_are_the_last_blocks_and_all_means_every_block() -> None:
+    from restuning.cli import DEFAULT_TOP_LAYERS, _parse_layers
+
+    assert _parse_layers(None, 12) == (12 - DEFAULT_TOP_LAYERS + 1, 12)
+    assert _parse_layers(None, 2) == (1, 2)
+    assert _parse_layers("all", 12) is None
+    assert _parse_layers("3-5", 12) == (3, 5)
+    with pytest.raises(ValueError, match="FIRST-LAST"):
+        _parse_layers("last", 12)
