@@ -149,8 +149,8 @@ class Profile:
         """The schedule of every bypass and of ``inner-adapter`` (AdamW 1e-3, warm-up + cosine,
         best validation epoch kept): with 160 training images and 16 a step, 30 epochs are 300
         steps. The trainer's former default (64 a step) gave 90 steps, too few to fit a
-        spatial task (loc-x: 15% test accuracy against 29% after 1,000 steps); early stopping
-        on 40 validation images stopped runs at noise."""
+        spatial task (loc-x: 15% test accuracy after 60 steps of 64, 29% after 1,000 steps of
+        16); early stopping on 40 validation images stopped runs at noise."""
         return TrainOptions(
             epochs=self.epochs, batch_size=self.batch_size, patience=self.patience, seed=seed
         )
