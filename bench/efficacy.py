@@ -24,9 +24,10 @@ goes through the backbone once and all probes and bypasses read those features. 
 final model is then scored once on the held-out test set.
 
 Tasks: the generated structured suite and photo crops (``bench.datasets_structured``) and the
-demo sets (digits, textures). The backbone is the embedded DINOv2 ViT-S/14 with its real
-weights, fed 112 px images in the quick profile (an 8 x 8 patch grid: a quarter of the 224 px
-cost) and 224 px in the full one.
+demo digits (textures too in the full profile). The backbone is the embedded DINOv2 ViT-S/14
+with its real weights, fed 112 px images (an 8 x 8 patch grid: a quarter of the 224 px cost).
+The shared cache holds every layer's tokens of a task's images in memory (1.3 MB an image at
+112 px; 5 MB at 224 px would need ~8 GB for the full profile's 1,500 images a task).
 
 Serving cost per method is measured here, on this backbone and input size, as a multiple of
 one plain backbone forward at batch 8 with K = 19 tasks: capture + the stacked fan-out of 19
@@ -189,14 +190,14 @@ PROFILES: dict[ProfileName, Profile] = {
     "full": Profile(
         "vit_small_patch14_dinov2",
         "embedded",
-        224,
+        112,
         train_size=1000,
         test_size=500,
         seeds=(0, 1, 2),
         epochs=30,
-        inner_epochs=30,
+        inner_epochs=10,
         batch_size=32,
-        inner_tasks=None,
+        inner_tasks=("loc-x", "count"),
         demo_per_class=100,
     ),
 }
