@@ -798,7 +798,8 @@ def render(results: Path = RESULTS) -> Path:
         "`make bench-full` the full one). Timings on a "
         "shared machine swing by tens of percent between runs, so every comparison below is "
         "measured side by side within one run: compare ratios, not absolute times across "
-        "runs. Random backbone weights throughout (speed does not depend on them).",
+        "runs. Random backbone weights throughout (speed does not depend on them), except "
+        "the accuracy section (real weights).",
         "",
         *_machine(suite),
         "",
@@ -806,11 +807,14 @@ def render(results: Path = RESULTS) -> Path:
     ]
     if no_plots:
         lines += [f"_{no_plots}_", ""]
+    from bench.efficacy_report import efficacy_headline, efficacy_section
+
     headline = [
         *fanout_headline(data.get("peft_peer", {})),
         *server_headline(data.get("server_throughput", {})),
         *registry_headline(data.get("registry_scale", {})),
         *cache_headline(data.get("feature_cache", {})),
+        *efficacy_headline(data.get("efficacy", {})),
     ]
     if headline:
         lines += ["## Headline", "", *headline, ""]
@@ -820,6 +824,7 @@ def render(results: Path = RESULTS) -> Path:
     lines += runtimes_section(data.get("runtimes", missing), plots)
     lines += registry_section(data.get("registry_scale", missing))
     lines += cache_section(data.get("feature_cache", missing))
+    lines += efficacy_section(data.get("efficacy", missing))
     others = [name for name in OTHERS if name in data]
     if others:
         lines += ["## Other measurements", ""]

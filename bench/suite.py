@@ -61,6 +61,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("feature_cache", "Feature cache hit vs miss", _ALL, _SMOKE),
     Section("ingest", "Image ingest CPU and memory", _ALL, _SMOKE),
     Section("store_latency", "Tuner store latency", _QUICK),
+    Section("efficacy", "Accuracy: bypass vs linear probe", _ALL, _SMOKE),
     # Its quick mode is the tiny test backbone: numbers only a full run should publish.
     Section("training_memory", "Training memory", _FULL),
     Section("fanout_cost", "Fan-out cost, loop vs stacked", _FULL),

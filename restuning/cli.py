@@ -10,11 +10,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from restuning.train import LabeledImages, TaskOptions, TrainedTask, TrainOptions
+    from restuning.train.augment import AugmentOptions
+    from restuning.train.feature_cache import FeatureBackbone
 
 # Relative max-abs difference allowed between converted weights and the ONNX original; measured
 # ~3e-6 on CPU, so anything near this bound means a wrong mapping, not rounding.
 VERIFY_TOLERANCE = 1e-3
+
+# `restune train` defaults, from the accuracy benchmark (docs/TRAINING.md, bench/efficacy.py):
+# the bypass over the last 6 blocks beat every block on 5 of 7 tasks at a lower serving cost,
+# and 16 images a step gave small sets enough steps (64 a step left spatial tasks unfitted).
+DEFAULT_TOP_LAYERS = 6
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_EPOCHS = 30
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,16 +140,31 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--weights", default=None, help="backbone weights file or random:SEED (needs --backbone)"
     )
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per step (default {DEFAULT_BATCH_SIZE}: enough steps on small sets)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--patience", type=int, default=None, help="early stopping, in epochs")
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--layers", default=None, help="first-last block, 1-based (default: all)")
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help=f"FIRST-LAST block (1-based) or 'all' (default: the last {DEFAULT_TOP_LAYERS} blocks)",
+    )
     parser.add_argument("--bottleneck", type=int, default=32)
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
     parser.add_argument(
         "--tuner", choices=["res_adapter", "res_prefix", "res_prompt"], default="res_adapter"
+    )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="train the short list of bypass shapes (tuner, pooling, layers) on the same "
+        "split, print each one's validation score and serving cost, keep the best",
     )
     parser.add_argument("--embedding-dim", type=int, default=64, help="for --task embedding")
     parser.add_argument("--description", default="")
@@ -158,8 +187,12 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.set_defaults(func=train_command)
 
 
-def _parse_layers(text: str | None) -> tuple[int, int] | None:
+def _parse_layers(text: str | None, depth: int) -> tuple[int, int] | None:
+    """``--layers``: FIRST-LAST, one block, ``all`` (None: every block) or, when not given,
+    the last DEFAULT_TOP_LAYERS blocks of a ``depth``-block backbone."""
     if text is None:
+        return (max(1, depth - DEFAULT_TOP_LAYERS + 1), depth)
+    if text.strip() == "all":
         return None
     first, sep, last = text.partition("-")
     if not sep:
@@ -195,10 +228,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        layers = _parse_layers(args.layers)
+        _parse_layers(args.layers, 1)  # a malformed --layers fails before any loading
         task = TaskOptions(
             tuner=args.tuner,
-            layers=layers,
             bottleneck=args.bottleneck,
             pooling=args.pooling,
             embedding_dim=args.embedding_dim,
@@ -217,19 +249,25 @@ def train_command(args: argparse.Namespace) -> int:
                 f"--backbone {args.backbone} has no --weights; the default backbone is {arch}"
             )
         backbone = load_backbone(arch, weights)
+        task = replace(task, layers=_parse_layers(args.layers, backbone.depth))
         data = load_data(args.data, args.task)
         started = time.perf_counter()
-        trained = train_task(
-            data,
-            args.name,
-            backbone,
-            task=task,
-            options=options,
-            cache_dir=args.cache_dir or restune_home() / "features",
-            augment=AugmentOptions() if args.augment else None,
-            val_fraction=args.val_fraction,
-            progress=not args.quiet,
-        )
+        cache_dir = args.cache_dir or restune_home() / "features"
+        augment = AugmentOptions() if args.augment else None
+        if args.search:
+            trained = _search(args, data, backbone, task, options, cache_dir, augment)
+        else:
+            trained = train_task(
+                data,
+                args.name,
+                backbone,
+                task=task,
+                options=options,
+                cache_dir=cache_dir,
+                augment=augment,
+                val_fraction=args.val_fraction,
+                progress=not args.quiet,
+            )
     except (DataError, BackboneLoadError, ValueError) as err:
         print(f"restune train: {err}", file=sys.stderr)
         return 2
@@ -254,6 +292,45 @@ def train_command(args: argparse.Namespace) -> int:
         state = "registered" if result.created else "unchanged (identical bytes)"
         print(f"pushed {result.name} v{result.version} to {args.push}: {state}")
     return 0
+
+
+def _search(
+    args: argparse.Namespace,
+    data: LabeledImages,
+    backbone: FeatureBackbone,
+    task: TaskOptions,
+    options: TrainOptions,
+    cache_dir: Path,
+    augment: AugmentOptions | None,
+) -> TrainedTask:
+    """``--search``: every candidate shape on the same split; prints one line each and the
+    pick; returns the picked task."""
+    from restuning.train.search import SearchRow, search
+
+    def show(row: SearchRow) -> None:
+        s = row.trained.summary
+        score = f"{s.val_metric} {row.val_score:.4f}" if row.val_score is not None else "no score"
+        cost = f"{row.cost_x:.2f}x" if row.cost_x is not None else "?"
+        print(
+            f"search {row.candidate.name:17s} val {score}, serving {cost} one forward at "
+            f"K=19, {row.seconds:.1f} s",
+            flush=True,
+        )
+
+    best, _rows = search(
+        data,
+        args.name,
+        backbone,
+        task=task,
+        options=options,
+        cache_dir=cache_dir,
+        augment=augment,
+        val_fraction=args.val_fraction,
+        progress=not args.quiet,
+        report=show,
+    )
+    print(f"search: keeping {best.candidate.name}")
+    return best.trained
 
 
 def register_export_onnx(
