@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+import torch
 
 from restuning.backbone import TorchBackbone
 from server.engine.batcher import MicroBatcher
 from server.engine.engine import BatchItem, BatchOutput, Engine
 from server.engine.feature_cache import FeatureCache
-from server.engine.loaded_tuner import LoadedTuner
+from server.engine.loaded_tuner import LoadedTuner, module_nbytes
 from server.errors import ApiError
 from server.metrics import Metrics
+from tests.fixtures.tuners import make_config, make_task
 from tests.server.engine.conftest import ArtifactFactory
 from tests.server.engine.engine_kit import (
     Gate,
@@ -221,3 +224,83 @@ def test_an_engine_failure_costs_only_the_image_that_causes_it(
         await batcher.drain()
 
     asyncio.run(main())
+
+
+# --- heads of every kind and width on one bypass shape ----------------------------------------
+
+MIXED_HEADS: dict[str, dict[str, Any]] = {
+    "cls3": {"seed": 1},
+    "cls9": {"seed": 2, "labels": [f"c{i}" for i in range(9)]},
+    "reg": {"seed": 3, "task": "regression"},
+    "multi": {"seed": 4, "task": "multilabel"},
+    "emb": {"seed": 5, "task": "embedding", "embedding_dim": 12},
+}
+
+
+@pytest.fixture
+def mixed_heads(tiny_backbone: TorchBackbone, artifact: ArtifactFactory) -> list[LoadedTuner]:
+    """Five tasks of one bypass shape (res_adapter, blocks 1-2, CLS) and five different heads."""
+    return [
+        loaded_tuner(tiny_backbone, artifact(name, layers=(1, 2), **kw))
+        for name, kw in MIXED_HEADS.items()
+    ]
+
+
+def _alone(tiny_backbone: TorchBackbone, runtime: RecordingRuntime, item: BatchItem) -> Any:
+    """Each task's answer for ``item`` from a fresh engine running that task alone."""
+    engine = Engine(runtime, FeatureCache(0))
+    return {
+        t.name: engine.run_batch([BatchItem(item.pixels, item.digest, (t,), item.top_k)])
+        .items[0]
+        .answers[t.name]
+        for t in item.tuners
+    }
+
+
+def test_tasks_of_one_bypass_shape_stack_whatever_their_heads(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, mixed_heads: list[LoadedTuner]
+) -> None:
+    engine = Engine(runtime, FeatureCache(0))
+    # Overlapping subsets of the tasks per image: one stack, each task on its own rows.
+    subsets = [mixed_heads, mixed_heads[1:4], [mixed_heads[0], mixed_heads[4]], mixed_heads]
+    items = [BatchItem(*pixels_of(i, tiny_backbone), tuple(s), 3) for i, s in enumerate(subsets)]
+    out = engine.run_batch(items)
+    assert engine.groups.builds == 1
+    assert len(engine.groups) == 1
+    for item, got in zip(items, out.items, strict=True):
+        want = _alone(tiny_backbone, runtime, item)
+        assert got.answers.keys() == want.keys()
+        for name in want:
+            assert "error" not in got.answers[name], got.answers[name]
+            assert answers_close(got.answers[name], want[name]), name
+    first = out.items[0].answers
+    assert len(first["emb"]["embedding"]) == 12
+    assert set(first["reg"]["values"]) == {"age", "size"}
+    assert len(first["cls9"]["labels"]) == 3
+
+
+def test_a_culprit_in_a_mixed_heads_stack_costs_only_its_own_answers(
+    tiny_backbone: TorchBackbone, runtime: RecordingRuntime, mixed_heads: list[LoadedTuner]
+) -> None:
+    """A task of another head width whose outputs overflow shares the stack, is found, and
+    quarantined; the others answer as they do alone."""
+    labels = [f"m{i}" for i in range(7)]
+    module = make_task(
+        make_config("overflow", tiny_backbone, task="multilabel", labels=labels, layers=(1, 2)),
+        tiny_backbone.final_norm,
+        7,
+    )
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            if name.startswith("bypass."):
+                tensor.mul_(1e30)  # finite weights whose products overflow float32
+    culprit = LoadedTuner("overflow", 1, "0" * 64, module.config, module, module_nbytes(module))
+    engine = Engine(runtime, FeatureCache(0))
+    item = BatchItem(*pixels_of(0, tiny_backbone), (*mixed_heads, culprit), 2)
+    answers = engine.run_batch([item]).items[0].answers
+    assert answers["overflow"]["error"]["code"] == "non_finite_output"
+    assert engine.quarantined(culprit.key)
+    healthy = BatchItem(item.pixels, item.digest, tuple(mixed_heads), 2)
+    want = _alone(tiny_backbone, runtime, healthy)
+    for name, answer in want.items():
+        assert answers_close(answers[name], answer), name
