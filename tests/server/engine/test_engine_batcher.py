@@ -93,6 +93,55 @@ def test_concurrent_requests_coalesce_and_answer_in_order(
     asyncio.run(main())
 
 
+def test_a_lone_request_goes_at_once_whatever_max_wait(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    """At no load nothing is expected to join: the batch goes without waiting ``max_wait_ms``
+    (an hour here), the first request and one sent right after its answer alike."""
+    engine = Engine(runtime, FeatureCache(0))
+
+    async def main() -> None:
+        batcher = batcher_for(engine.run_batch, wait_ms=3_600_000)
+        for first in (0, 1):
+            done = await asyncio.wait_for(batcher.submit(make_items(1, first)), 60)
+            assert done[0].batch.size == 1
+        await batcher.drain()
+
+    asyncio.run(main())
+
+
+def test_clients_coming_back_join_the_images_queued_meanwhile(
+    runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
+) -> None:
+    """A closed loop of 8 clients, max batch 8: 4 compute while 4 queue (past their own
+    ``max_wait_ms``). When the 4 are answered and send again, the next batch waits for them
+    instead of sending the queued 4 alone: the two halves merge into batches of 8."""
+    engine = Engine(runtime, FeatureCache(0))
+    gate = Gate(engine.run_batch)
+
+    async def main() -> None:
+        batcher = batcher_for(gate, max_batch=8, wait_ms=1000)
+
+        async def client(first: int) -> int:
+            await batcher.submit(make_items(1, first))
+            again = await batcher.submit(make_items(1, first + 100))
+            return again[0].batch.size
+
+        early = [asyncio.create_task(client(i)) for i in range(4)]
+        await asyncio.to_thread(gate.entered.wait, 10)
+        late = [asyncio.create_task(batcher.submit(make_items(1, 10 + i))) for i in range(4)]
+        await asyncio.sleep(1.2)  # the late 4 waited past max_wait_ms while the engine was busy
+        assert batcher.queued_images == 4
+        gate.open.set()
+        sizes = await asyncio.gather(*early)
+        await asyncio.gather(*late)
+        assert gate.sizes == [4, 8]
+        assert sizes == [8] * 4
+        await batcher.drain()
+
+    asyncio.run(main())
+
+
 def test_overload_is_refused_at_once_with_retry_after(
     runtime: RecordingRuntime, make_items: Callable[[int, int], list[BatchItem]]
 ) -> None:
@@ -209,11 +258,21 @@ def test_an_engine_failure_costs_only_the_image_that_causes_it(
             raise RuntimeError("device lost")
         return engine.run_batch(items)
 
+    gate = Gate(fragile)
+
     async def main() -> None:
-        batcher = batcher_for(fragile, wait_ms=50.0)
+        batcher = batcher_for(gate, wait_ms=50.0)
+        # Both requests queue while the engine is busy, so they share the next batch.
+        busy = asyncio.create_task(batcher.submit(make_items(1, 9)))
+        await asyncio.to_thread(gate.entered.wait, 10)
         healthy = asyncio.ensure_future(batcher.submit(make_items(2, 0)))
+        poisoned = asyncio.ensure_future(batcher.submit([poison]))
+        await asyncio.sleep(0.05)
+        assert batcher.queued_images == 3
+        gate.open.set()
+        await busy
         with pytest.raises(ApiError) as err:
-            await batcher.submit([poison])
+            await poisoned
         assert (err.value.code, err.value.status) == ("internal", 500)
         answered = await healthy  # shared the poisoned batch, yet answers
         assert [len(c.output.answers) for c in answered] == [1, 1]
