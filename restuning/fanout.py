@@ -223,8 +223,9 @@ class StackedGroup:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Each task's class count C_k, in stack order."""
-        return tuple(m.config.num_outputs for m in self.modules)
+        """Each task's output width C_k, in stack order: its head's own, so a head that
+        disagrees with its config shows as a wrong output shape, as it does alone."""
+        return tuple(int(m.head.bias.shape[0]) for m in self.modules)
 
     @property
     def width(self) -> int:

@@ -163,6 +163,19 @@ def test_mixed_heads_forward_all_pads_to_the_widest_head_with_zeros(layout: str)
         assert not out[k, :, c:].any()
 
 
+def test_a_head_wider_than_its_config_shows_its_own_width_in_a_stack() -> None:
+    """The stack cuts each output to the head's own width, not the config's: a head that
+    disagrees with its config answers the wrong shape stacked as alone (and is caught)."""
+    modules = _mixed_heads("padded")
+    modules[1].head = torch.nn.Linear(8, modules[1].config.num_outputs + 2)
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=7)
+    want = _one_at_a_time(modules, features, DENSE)
+    assert want[1].shape[1] == modules[1].config.num_outputs + 2
+    group = StackedGroup(modules, "stacked")
+    _assert_all_close(group(features, DENSE), want)
+    assert group.forward_all(features).shape[2] == group.width == max(w.shape[1] for w in want)
+
+
 def test_head_layout_choice() -> None:
     assert choose_head_layout([10] * 19) == "padded"
     assert choose_head_layout([3, 7, 2, 5, 6]) == "padded"
