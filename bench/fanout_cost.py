@@ -8,7 +8,11 @@ ViT-S/16 at 224 px (random weights: timing only), res_adapter on all 12 layers, 
   loop over the per-task modules, at batch 1 and 8, K = 1, 4, 19, 64;
 - the stacked fan-out of K all-token tasks at batch 8;
 - the one-off cost of building a stacked group (what hot registration pays, off the request
-  path).
+  path);
+- 19 CLS tasks with VTAB-1k's class counts (2 to 397) beside 19 alike heads (100 classes),
+  at batch 1 and 8: grouped by the whole shape (head kind and class count: 15 groups) as the
+  engine grouped before, and in one stack with the heads padded to the widest or run one
+  matmul per task (``--heads`` runs only this part).
 
 Run: ``python -m bench.fanout_cost [--quick] [--threads 1 --clock cpu]``, which writes
 ``bench/results/fanout_cost.json``. Times are the best of several repeats, in milliseconds,
@@ -42,6 +46,28 @@ ARCH = "vit_small_patch16_224"
 BOTTLENECK = 32
 CLASSES = 100
 RESULTS = Path(__file__).resolve().parent / "results" / "fanout_cost.json"
+VTAB_1K_CLASSES: dict[str, int] = {
+    "caltech101": 102,
+    "cifar100": 100,
+    "dtd": 47,
+    "flowers102": 102,
+    "pets": 37,
+    "svhn": 10,
+    "sun397": 397,
+    "camelyon": 2,
+    "eurosat": 10,
+    "resisc45": 45,
+    "retinopathy": 5,
+    "clevr_count": 8,
+    "clevr_dist": 6,
+    "dmlab": 6,
+    "kitti_dist": 4,
+    "dsprites_loc": 16,
+    "dsprites_ori": 16,
+    "smallnorb_azi": 18,
+    "smallnorb_ele": 9,
+}
+"""The 19 VTAB-1k tasks' class counts: a real mix of heads on one bypass shape."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +104,13 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
 
-def _config(name: str, backbone: TorchBackbone, pooling: Pooling) -> TunerConfig:
+def _config(
+    name: str, backbone: TorchBackbone, pooling: Pooling, classes: int = CLASSES
+) -> TunerConfig:
     return TunerConfig(
         name=name,
         task="classification",
-        labels=tuple(f"class{i}" for i in range(CLASSES)),
+        labels=tuple(f"class{i}" for i in range(classes)),
         backbone=BackboneRef(
             arch=backbone.arch,
             fingerprint=backbone.fingerprint,
@@ -158,7 +186,86 @@ def run(
         k_max = len(cls_tasks)
         build = Timer(dev, 3, 0.0, clock)
         report["build_ms"][str(k_max)] = build.ms(partial(StackedGroup, cls_tasks, "stacked"))
+    alike = _tasks(backbone, len(VTAB_1K_CLASSES), "cls")
+    report["fanout_heads"] = _heads_rows(backbone, timer, alike)
     return report
+
+
+def run_heads(
+    quick: bool = False,
+    device: str = "cpu",
+    arch: str = ARCH,
+    clock: Literal["wall", "cpu"] = "wall",
+) -> dict[str, Any]:
+    """Only the VTAB-1k heads part (see the module docstring)."""
+    dev = torch.device(device)
+    timer = Timer(dev, 3 if quick else 7, 0.05 if quick else 1.0, clock)
+    backbone = load_backbone(arch, "random:0", device=dev)
+    alike = _tasks(backbone, len(VTAB_1K_CLASSES), "cls")
+    return {
+        "arch": arch,
+        "weights": "random:0",
+        "tuner": {"kind": "res_adapter", "layers": [1, backbone.depth], "r": BOTTLENECK},
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "quick": quick,
+        "clock": clock,
+        "unit": "ms (best of repeats)",
+        "fanout_heads": _heads_rows(backbone, timer, alike),
+    }
+
+
+def _heads_rows(
+    backbone: TorchBackbone, timer: Timer, alike: list[TaskModule]
+) -> list[dict[str, Any]]:
+    """19 VTAB-1k heads vs 19 alike heads, every task on every row, at batch 1 and 8."""
+    vtab = [
+        init_task(_config(name, backbone, "cls", classes), backbone.final_norm, seed=i)
+        for i, (name, classes) in enumerate(VTAB_1K_CLASSES.items())
+    ]
+    by_width: dict[int, list[TaskModule]] = {}
+    for m in vtab:
+        by_width.setdefault(m.config.num_outputs, []).append(m)
+    # As the engine grouped by the whole shape: one group per class count (auto strategy).
+    per_shape = [StackedGroup(ms) for ms in by_width.values()]
+    padded = StackedGroup(vtab, "stacked", heads="padded")
+    segmented = StackedGroup(vtab, "stacked", heads="segmented")
+    chosen = StackedGroup(vtab, "stacked")
+    alike_group = StackedGroup(alike, "stacked")
+    layers = tuple(range(backbone.depth + 1))
+    spec = FeatureSpec(layers, "cls")
+    _, height, width = backbone.data_config.input_size
+    gen = torch.Generator().manual_seed(1)
+    rows_out: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for batch in (1, 8):
+            images = torch.randn(batch, 3, height, width, generator=gen).to(timer.device)
+            feats = backbone.forward_features(images, spec)  # (13, B, 1, D)
+            every = [torch.arange(batch, device=images.device)] * len(vtab)
+
+            def by_shape(feats: Any = feats, every: list[torch.Tensor] = every) -> None:
+                start = 0
+                for g in per_shape:
+                    g(feats, every[start : start + len(g.modules)])
+                    start += len(g.modules)
+
+            rows_out.append(
+                {
+                    "batch": batch,
+                    "K": len(vtab),
+                    "alike_ms": timer.ms(partial(alike_group, feats, every)),
+                    "vtab_per_shape_groups_ms": timer.ms(by_shape),
+                    "vtab_padded_ms": timer.ms(partial(padded, feats, every)),
+                    "vtab_segmented_ms": timer.ms(partial(segmented, feats, every)),
+                    "vtab_chosen_ms": timer.ms(partial(chosen, feats, every)),
+                    "vtab_chosen_layout": chosen.head_layout,
+                    "per_shape_groups": len(per_shape),
+                    "padding_x": len(vtab) * max(by_width) / sum(VTAB_1K_CLASSES.values()),
+                }
+            )
+    return rows_out
 
 
 def _measure_batch(
@@ -243,6 +350,18 @@ def _print(report: dict[str, Any]) -> None:
             f"{r['stacked_ms']:.1f} ms ({r['stacked_x']:.3f}x)"
         )
     print(f"build stacked group: {report['build_ms']}")
+    _print_heads(report)
+
+
+def _print_heads(report: dict[str, Any]) -> None:
+    print("19 heads      batch  alike   VTAB: per-shape groups  padded  segmented  (chosen)")
+    for r in report.get("fanout_heads", []):
+        print(
+            f"              {r['batch']:>5} {r['alike_ms']:7.2f}   "
+            f"{r['vtab_per_shape_groups_ms']:7.2f} ({r['per_shape_groups']})"
+            f"        {r['vtab_padded_ms']:7.2f} {r['vtab_segmented_ms']:8.2f}"
+            f"   {r['vtab_chosen_layout']}"
+        )
 
 
 def main() -> None:
@@ -254,13 +373,20 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--heads", action="store_true", help="only the VTAB-1k heads part")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads > 0:
         # One thread is steadier on a busy shared machine (no OpenMP barrier waits).
         torch.set_num_threads(args.threads)
-    report = run(args.quick, args.device, clock=args.clock)
-    _print(report)
+    if args.heads:
+        report = run_heads(args.quick, args.device, clock=args.clock)
+        _print_heads(report)
+        args.out = args.out or RESULTS.with_name("fanout_heads.json")
+    else:
+        report = run(args.quick, args.device, clock=args.clock)
+        _print(report)
+        args.out = args.out or RESULTS
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

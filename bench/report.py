@@ -674,6 +674,40 @@ def fanout_cost_section(d: Json) -> list[str]:
     ]
 
 
+def fanout_heads_section(d: Json) -> list[str]:
+    """19 VTAB-1k heads beside 19 alike heads: per-shape groups vs one stack."""
+    lines = ["### Fan-out of mixed heads: 19 VTAB-1k class counts", "", _run_line(d), ""]
+    if (why := _status(d)) is not None:
+        return [*lines, why, ""]
+    rows = [
+        [
+            r.get("batch"),
+            r.get("alike_ms"),
+            r.get("vtab_per_shape_groups_ms"),
+            r.get("vtab_padded_ms"),
+            r.get("vtab_segmented_ms"),
+            r.get("vtab_chosen_layout"),
+        ]
+        for r in d.get("fanout_heads", [])
+    ]
+    headers = [
+        "batch",
+        "19 alike heads ms",
+        "VTAB, one group per shape ms",
+        "VTAB, one stack, padded ms",
+        "segmented ms",
+        "chosen",
+    ]
+    return [
+        *lines,
+        f"{d.get('arch')}, res_adapter r = {_get(d, 'tuner', 'r')}, CLS tasks, every task on "
+        f"every row; {d.get('clock')} clock, {d.get('threads')} threads.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 def backbone_section(d: Json) -> list[str]:
     """Eager backbone throughput: full forward vs the CLS capture of every layer."""
     lines = ["### Backbone, eager torch", "", _run_line(d), ""]
@@ -707,6 +741,7 @@ def backbone_section(d: Json) -> list[str]:
 
 OTHERS: dict[str, Callable[[Json], list[str]]] = {
     "fanout_cost": fanout_cost_section,
+    "fanout_heads": fanout_heads_section,
     "backbone_eager": backbone_section,
     "store_latency": store_section,
     "training_memory": training_section,

@@ -1,10 +1,14 @@
-"""Fan-out: many tasks on one batch of backbone features, tasks of one shape stacked.
+"""Fan-out: many tasks on one batch of backbone features, tasks of one bypass shape stacked.
 
-Tasks whose configs share a ``shape_key`` have identically shaped tensors. A
-:class:`StackedGroup` stacks them on a task axis (K, ...) and runs the bypass as batched
-matmuls, so the cost of a group grows slowly with K instead of paying per-task overhead; the
-lateral tuners, whose input (the backbone feature) is shared by all tasks, become one GEMM
-against the K weights side by side. A :class:`GroupedFanout` runs every group of a task set.
+Tasks whose configs share a ``stack_key`` have identically shaped bypass tensors, whatever
+their heads. A :class:`StackedGroup` stacks them on a task axis (K, ...) and runs the bypass
+as batched matmuls, so the cost of a group grows slowly with K instead of paying per-task
+overhead; the lateral tuners, whose input (the backbone feature) is shared by all tasks,
+become one GEMM against the K weights side by side. Heads of different kinds and class counts
+share the stack: they run as one batched matmul over heads zero-padded to the widest, or, when
+padding would waste too much, one matmul per task (:func:`choose_head_layout`); each task's
+output is then cut to its own width. Only post-processing tells the head kinds apart. A
+:class:`GroupedFanout` runs every group of a task set.
 
 Groups are immutable: adding or replacing a task builds a new group (``with_module``), which
 a server swaps in atomically while in-flight batches finish on the old one.
@@ -47,6 +51,25 @@ share of it; otherwise gather each task's own rows (padded) so sparse requests d
 for every row of the union."""
 
 
+HeadLayout = Literal["padded", "segmented"]
+"""How a stack runs its heads: one batched matmul over heads zero-padded to the widest class
+count, or one matmul per task."""
+
+MAX_HEAD_PADDING = 2.0
+"""Padded heads while padding multiplies the head FLOPs by at most this; segmented beyond.
+Measured (one CPU thread, ViT-S D 384, 12 layers, r 32, K 19 CLS tasks, 18 heads of 100
+classes and one wider): padded vs segmented ms at batch 1 / 8: x1.9 6.9 vs 7.5 / 13.4 vs
+12.9; x2.7 7.3 vs 6.9 / 12.8 vs 12.3; x6.8 9.2 vs 6.8 / 16.6 vs 12.3. VTAB-1k's class counts
+(2 to 397) pad x8.0: 6.9 vs 5.9 / 14.2 vs 12.5 (bench/fanout_cost.py --heads)."""
+
+
+def choose_head_layout(widths: Sequence[int]) -> HeadLayout:
+    """``padded`` when K x the widest head costs at most :data:`MAX_HEAD_PADDING` x the heads'
+    own FLOPs (heads of one width always: no waste), ``segmented`` otherwise."""
+    padded = len(widths) * max(widths)
+    return "padded" if padded <= MAX_HEAD_PADDING * sum(widths) else "segmented"
+
+
 def choose_strategy(num_tasks: int) -> Literal["stacked", "loop"]:
     """Loop for a single task (nothing to batch, no stacked copy); stacked otherwise.
 
@@ -63,31 +86,73 @@ class _Stack:
     """K tasks' tensors stacked on a leading task axis."""
 
     tuners: dict[tuple[str, int], dict[str, Tensor]]  # (side, layer) -> name -> (K, ...)
-    head_weight: Tensor  # (K, C, D)
-    head_bias: Tensor  # (K, C)
+    heads: tuple[tuple[Tensor, Tensor], ...]
+    """Each task's head weight (C_k, D) and bias (C_k,): views into the padded tensors in the
+    padded layout, the stack's own copies in the segmented one."""
+    head_weight: Tensor | None  # (K, C, D) padded layout only; rows past C_k are zero
+    head_bias: Tensor | None  # (K, C) padded layout only; columns past C_k are zero
+    width: int
+    """C: the widest head of the whole group (a narrowed stack keeps it), the width of every
+    stacked output."""
+    dtype: torch.dtype
     norm: _Norm
     """The frozen final norm, copied in the stack's dtype: one dtype for every operand of the
     layer_norm (CUDA refuses bf16 activations with float32 weights), and a tensor the stack
     owns, so a captured graph never reads a module's buffer that may be moved or freed."""
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each task's class count C_k."""
+        return tuple(int(b.shape[0]) for _, b in self.heads)
+
     def narrow(self, start: int, stop: int) -> _Stack:
         """Tasks ``start..stop-1`` (views, no copy)."""
         return _Stack(
             {key: {n: t[start:stop] for n, t in p.items()} for key, p in self.tuners.items()},
-            self.head_weight[start:stop],
-            self.head_bias[start:stop],
+            self.heads[start:stop],
+            None if self.head_weight is None else self.head_weight[start:stop],
+            None if self.head_bias is None else self.head_bias[start:stop],
+            self.width,
+            self.dtype,
             self.norm,
         )
 
     def take(self, tasks: list[int]) -> _Stack:
         """Tasks ``tasks`` in that order (a copy; eager path only: the index is host data)."""
-        index = torch.tensor(tasks, device=self.head_bias.device)
+        device = self.heads[0][1].device
+        index = torch.tensor(tasks, device=device)
         return _Stack(
             {key: {n: t[index] for n, t in p.items()} for key, p in self.tuners.items()},
-            self.head_weight[index],
-            self.head_bias[index],
+            tuple(self.heads[i] for i in tasks),
+            None if self.head_weight is None else self.head_weight[index],
+            None if self.head_bias is None else self.head_bias[index],
+            self.width,
+            self.dtype,
             self.norm,
         )
+
+    def apply_heads(self, pooled: Tensor) -> Tensor:
+        """Pooled features (K, n, D) -> every task's head: (K, n, C), zeros past C_k."""
+        if self.head_weight is not None and self.head_bias is not None:
+            return torch.baddbmm(
+                self.head_bias.unsqueeze(1), pooled, self.head_weight.transpose(1, 2)
+            )  # (K, n, C)
+        return torch.stack(
+            [
+                F.pad(F.linear(pooled[k], w, b), (0, self.width - int(b.shape[0])))  # (n, C)
+                for k, (w, b) in enumerate(self.heads)
+            ]
+        )  # (K, n, C)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacked copies (padding included)."""
+        tensors = [t for p in self.tuners.values() for t in p.values()]
+        if self.head_weight is not None and self.head_bias is not None:
+            tensors += [self.head_weight, self.head_bias]
+        else:
+            tensors += [t for head in self.heads for t in head]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -104,7 +169,10 @@ class _Norm:
 
 
 class StackedGroup:
-    """K tasks with one ``shape_key`` run together; each task on the rows that asked for it."""
+    """K tasks with one ``stack_key`` run together; each task on the rows that asked for it.
+
+    Outputs are each task's own width C_k; :meth:`forward_all` returns the group's widest C
+    for every task (zeros past C_k), which a caller cuts with :attr:`widths`."""
 
     def __init__(
         self,
@@ -113,14 +181,16 @@ class StackedGroup:
         *,
         max_stack_elements: int = MAX_STACK_ELEMENTS,
         dtype: torch.dtype | None = None,
+        heads: HeadLayout | None = None,
     ) -> None:
         """``dtype``: the stacked copies' dtype (default: the modules'), e.g. bfloat16 on a GPU
-        whose registry keeps float32 modules; the stacked strategy then computes in it."""
+        whose registry keeps float32 modules; the stacked strategy then computes in it.
+        ``heads``: the head layout (default: :func:`choose_head_layout`)."""
         if not modules:
             raise ValueError("a group needs at least one task")
         first = modules[0]
-        if any(m.config.shape_key != first.config.shape_key for m in modules):
-            raise ValueError("tasks of a group must share one shape_key")
+        if any(m.config.stack_key != first.config.stack_key for m in modules):
+            raise ValueError("tasks of a group must share one stack_key")
         names = [m.config.name for m in modules]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate task names in a group: {names}")
@@ -134,7 +204,12 @@ class StackedGroup:
         )
         self.max_stack_elements = max_stack_elements
         self.dtype = dtype
-        self._stack = _stack(self.modules, dtype) if self.strategy == "stacked" else None
+        self.head_layout: HeadLayout = heads or choose_head_layout(self.widths)
+        """How the stacked strategy runs the heads."""
+        self._heads = heads
+        self._stack = (
+            _stack(self.modules, dtype, self.head_layout) if self.strategy == "stacked" else None
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -142,13 +217,29 @@ class StackedGroup:
         return tuple(m.config.name for m in self.modules)
 
     @property
-    def shape_key(self) -> tuple[object, ...]:
-        """The shared ``TunerConfig.shape_key``."""
-        return self.modules[0].config.shape_key
+    def stack_key(self) -> tuple[object, ...]:
+        """The shared ``TunerConfig.stack_key``."""
+        return self.modules[0].config.stack_key
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each task's output width C_k, in stack order: its head's own, so a head that
+        disagrees with its config shows as a wrong output shape, as it does alone."""
+        return tuple(int(m.head.bias.shape[0]) for m in self.modules)
+
+    @property
+    def width(self) -> int:
+        """C of :meth:`forward_all`'s (K, B, C): the widest head."""
+        return max(self.widths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the group's stacked copies hold (0 for a loop group: it shares the modules)."""
+        return 0 if self._stack is None else self._stack.nbytes
 
     @property
     def feature_spec(self) -> FeatureSpec:
-        """Features every task of the group reads (they are the same for one shape_key)."""
+        """Features every task of the group reads (they are the same for one stack_key)."""
         return self.modules[0].feature_spec
 
     def with_module(self, module: TaskModule) -> StackedGroup:
@@ -159,6 +250,7 @@ class StackedGroup:
             self._requested,
             max_stack_elements=self.max_stack_elements,
             dtype=self.dtype,
+            heads=self._heads,
         )
 
     def without(self, name: str) -> StackedGroup | None:
@@ -167,12 +259,16 @@ class StackedGroup:
         if not kept:
             return None
         return StackedGroup(
-            kept, self._requested, max_stack_elements=self.max_stack_elements, dtype=self.dtype
+            kept,
+            self._requested,
+            max_stack_elements=self.max_stack_elements,
+            dtype=self.dtype,
+            heads=self._heads,
         )
 
     @torch.no_grad()
     def forward(self, features: Features, rows: Sequence[Tensor]) -> list[Tensor]:
-        """Raw outputs of each task on its rows: ``rows[k]`` (n_k,) -> (n_k, C).
+        """Raw outputs of each task on its rows: ``rows[k]`` (n_k,) -> (n_k, C_k).
 
         ``rows[k]`` indexes the batch axis of ``features`` (any order, repeats allowed).
         """
@@ -184,8 +280,7 @@ class StackedGroup:
         if self.strategy == "loop":
             return [m(feats.rows(r)) for m, r in zip(self.modules, idx, strict=True)]
         assert self._stack is not None
-        out_dim = self._stack.head_weight.shape[1]
-        out = [feats.data.new_empty((0, out_dim)) for _ in idx]
+        out = [feats.data.new_empty((0, c)) for c in self.widths]
         stack, members = self._active(self._stack, [int(r.numel()) for r in idx])
         if not members:
             return out
@@ -221,7 +316,8 @@ class StackedGroup:
 
     @torch.no_grad()
     def forward_all(self, features: Features, impl: BypassImpl = "bmm") -> Tensor:
-        """Raw outputs of every task on every row: (K, B, C), in the stack's dtype.
+        """Raw outputs of every task on every row: (K, B, C), in the stack's dtype; C is
+        :attr:`width` and task k's columns past ``widths[k]`` are zeros.
 
         No data-dependent op and no host sync, so a CUDA graph can capture it (rows a batch
         did not ask for are computed and dropped by the caller; every op is per row, so they
@@ -232,7 +328,7 @@ class StackedGroup:
             raise ValueError("forward_all needs a stacked group (strategy='stacked')")
         stack = self._stack
         feats = features.select(self.feature_spec)  # (L', B, N', D)
-        data = feats.data.to(stack.head_weight.dtype)
+        data = feats.data.to(stack.dtype)
         n_layers, batch, tokens, dim = data.shape
         if impl == "grouped":
             # Imported here: the kernel module imports Triton lazily, and only this path needs it.
@@ -275,11 +371,14 @@ class StackedGroup:
             )  # (K, n_max)
             n = n_max
             flat = data[:, padded].reshape(n_layers, k, n * tokens, dim)  # (L', K, n*N', D)
-        flat = flat.to(stack.head_weight.dtype)
+        flat = flat.to(stack.dtype)
         out = self._bypass_heads(stack, feats.spec.layers, flat, k, n, tokens)  # (K, n, C)
+        widths = stack.widths
         if shared:
-            return [out[i, torch.searchsorted(union, r)] for i, r in enumerate(rows)]
-        return [out[i, : counts[i]] for i in range(k)]
+            return [
+                out[i, torch.searchsorted(union, r), : widths[i]] for i, r in enumerate(rows)
+            ]  # (n_i, C_i) each
+        return [out[i, : counts[i], : widths[i]] for i in range(k)]
 
     def _bypass_heads(
         self, stack: _Stack, layers: tuple[int, ...], flat: Tensor, k: int, n: int, tokens: int
@@ -310,15 +409,14 @@ class StackedGroup:
 
     def _norm_pool_heads(self, stack: _Stack, h: Tensor, k: int, n: int) -> Tensor:
         """h_last (K, n, N', D) -> the frozen final norm, pooling and heads: (K, n, C)."""
-        z = stack.norm(h.to(stack.head_weight.dtype))  # (K, n, N', D)
+        z = stack.norm(h.to(stack.dtype))  # (K, n, N', D)
         pooled = pool_tokens(z, self.modules[0].config.pooling)  # (K, n, D)
-        return torch.baddbmm(
-            stack.head_bias.unsqueeze(1), pooled, stack.head_weight.transpose(1, 2)
-        )  # (K, n, C)
+        return stack.apply_heads(pooled)  # (K, n, C)
 
 
-def _stack(modules: Sequence[TaskModule], dtype: torch.dtype | None = None) -> _Stack:
-    """Copy K modules' tensors into stacked (K, ...) tensors (cast to ``dtype`` if given)."""
+def _stack(modules: Sequence[TaskModule], dtype: torch.dtype | None, layout: HeadLayout) -> _Stack:
+    """Copy K modules' tensors into stacked (K, ...) tensors (cast to ``dtype`` if given),
+    heads in ``layout``."""
     with torch.no_grad():
         cfg = modules[0].config.bypass
         tuners: dict[tuple[str, int], dict[str, Tensor]] = {}
@@ -330,22 +428,41 @@ def _stack(modules: Sequence[TaskModule], dtype: torch.dtype | None = None) -> _
                     for name in per_task[0]
                 }
         bypass = modules[0].bypass
-        head_weight = torch.stack([m.head.weight.detach() for m in modules]).to(dtype)
+        out_dtype = dtype if dtype is not None else modules[0].head.weight.dtype
 
-        def own(t: Tensor | None) -> Tensor | None:
-            # A copy (clone when no cast happens): the stack must not share the module's buffer.
-            return None if t is None else t.detach().to(head_weight.dtype).clone()
+        def own(t: Tensor) -> Tensor:
+            # A copy (even when no cast happens): the stack must not share the module's tensor.
+            return t.detach().to(dtype=out_dtype, copy=True)
 
+        weights = [own(m.head.weight) for m in modules]  # (C_k, D) each
+        biases = [own(m.head.bias) for m in modules]  # (C_k,) each
+        widths = [int(b.shape[0]) for b in biases]
+        width = max(widths)
+        head_weight = head_bias = None
+        heads = tuple(zip(weights, biases, strict=True))
+        if layout == "padded":
+            head_weight = torch.stack(
+                [F.pad(w, (0, 0, 0, width - int(w.shape[0]))) for w in weights]
+            )  # (K, C, D)
+            head_bias = torch.stack([F.pad(b, (0, width - int(b.shape[0]))) for b in biases])
+            heads = tuple((head_weight[k, :c], head_bias[k, :c]) for k, c in enumerate(widths))
         return _Stack(
             tuners,
+            heads,
             head_weight,
-            torch.stack([m.head.bias.detach() for m in modules]).to(dtype),
-            _Norm(own(bypass.norm_weight), own(bypass.norm_bias), bypass.norm_eps),
+            head_bias,
+            width,
+            out_dtype,
+            _Norm(
+                None if bypass.norm_weight is None else own(bypass.norm_weight),
+                None if bypass.norm_bias is None else own(bypass.norm_bias),
+                bypass.norm_eps,
+            ),
         )
 
 
 class GroupedFanout:
-    """Any set of tasks: grouped by ``shape_key``, each group stacked, outputs per task."""
+    """Any set of tasks: grouped by ``stack_key``, each group stacked, outputs per task."""
 
     def __init__(
         self,
@@ -358,7 +475,7 @@ class GroupedFanout:
             raise ValueError("a fan-out needs at least one task")
         by_key: dict[tuple[object, ...], list[int]] = {}
         for i, m in enumerate(modules):
-            by_key.setdefault(m.config.shape_key, []).append(i)
+            by_key.setdefault(m.config.stack_key, []).append(i)
         self.modules: tuple[TaskModule, ...] = tuple(modules)
         self.groups: tuple[tuple[StackedGroup, tuple[int, ...]], ...] = tuple(
             (

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=32, gt=0, le=4096)
     """Most images in one backbone forward."""
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
-    """How long the batcher waits to fill a batch after the first image arrives."""
+    """Longest the batcher waits, once the engine is free, for images it expects (clients
+    answered within this time that have not sent again); none expected: no wait."""
     max_queue_images: int = Field(default=256, gt=0)
     """Images waiting beyond this get a fast 503 with Retry-After."""
     request_timeout_s: float = Field(default=30.0, gt=0)

@@ -186,8 +186,9 @@ class TunerConfig(_Model):
         return "cls" if self.pooling == "cls" else "all"
 
     @property
-    def shape_key(self) -> tuple[object, ...]:
-        """Tasks with equal keys have identically shaped tensors and can be stacked."""
+    def stack_key(self) -> tuple[object, ...]:
+        """Tasks with equal keys have identically shaped bypass tensors and pool alike, so
+        they stack whatever their heads (kind and class count differ only in the head)."""
         b = self.bypass
         return (
             b.tuner,
@@ -199,9 +200,12 @@ class TunerConfig(_Model):
             b.scale if b.scale_mode == "fixed" else None,
             b.prefix_len if b.tuner != "res_adapter" else None,
             self.pooling,
-            self.task,
-            self.num_outputs,
         )
+
+    @property
+    def shape_key(self) -> tuple[object, ...]:
+        """Tasks with equal keys have identically shaped tensors, heads included."""
+        return (*self.stack_key, self.task, self.num_outputs)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Runs on the batcher's single worker thread. For a batch it
 1. takes the union :class:`FeatureSpec` of the tasks its images asked for,
 2. serves images from the feature cache where it can,
 3. runs the backbone once on the misses (identical pixels once), capturing only that union,
-4. runs each task on the rows that asked for it, tasks of one ``shape_key`` stacked,
+4. runs each task on the rows that asked for it, tasks of one ``stack_key`` stacked,
 5. turns raw outputs into answers per task.
 
 An image's answer does not depend on what else is in its batch (up to float rounding):
@@ -160,8 +160,8 @@ class _GroupCache:
                 self._groups.move_to_end(key)
                 return found[0]
         group = StackedGroup([t.module for t in tuners])
-        # A stacked group copies its tasks' weights; a loop group shares the modules.
-        size = sum(t.nbytes for t in tuners) if group.strategy == "stacked" else 0
+        # A stacked group copies its tasks' weights (heads padded); a loop group shares them.
+        size = group.nbytes
         with self._lock:
             self.builds += 1
             retired = any(k in self._retired for k in key)
@@ -383,7 +383,7 @@ class Engine:
         are not finite (their answers are replaced afterwards): dropping those rows would move
         the others within the stacked matmuls and change their rounding.
         """
-        for group in _groups(tasks, self.quarantined):
+        for group in _groups(tasks, self.quarantined, mixed_heads=True):
             outputs = self._run_group(group, features, bad_images)
             for task, out in zip(group, outputs, strict=True):
                 self._answer(task, out, items, answers, bad_images)
@@ -605,9 +605,15 @@ def _postprocess(tuner: LoadedTuner, out: torch.Tensor, top_ks: list[int]) -> li
 
 
 def _groups(
-    tasks: list[_Task], quarantined: Callable[[TunerKey], bool] = lambda _: False
+    tasks: list[_Task],
+    quarantined: Callable[[TunerKey], bool] = lambda _: False,
+    *,
+    mixed_heads: bool = False,
 ) -> list[list[_Task]]:
-    """Tasks split into stackable groups: one ``shape_key`` and distinct names in each.
+    """Tasks split into stackable groups: one ``shape_key`` and distinct names in each, or with
+    ``mixed_heads`` one ``stack_key`` (the bypass shape): heads of any kind and class count
+    share a stack, whose eager outputs are cut to each task's width. Without it, every task
+    of a group has one output width, as a caller reading (K, B, C) blocks needs.
 
     Two versions of one name (a pinned version beside the current one) land in different
     groups, since a group answers by name; so do two tenants' tuners of one plain name
@@ -620,7 +626,9 @@ def _groups(
         if quarantined(task.tuner.key):
             groups.append([task])
         else:
-            by_shape.setdefault(task.tuner.config.shape_key, []).append(task)
+            config = task.tuner.config
+            key = config.stack_key if mixed_heads else config.shape_key
+            by_shape.setdefault(key, []).append(task)
     for members in by_shape.values():
         layers: list[list[_Task]] = []
         for task in members:

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from restuning.fanout import GroupedFanout, StackedGroup, choose_strategy
+from restuning.fanout import (
+    GroupedFanout,
+    StackedGroup,
+    choose_head_layout,
+    choose_strategy,
+)
 from restuning.features import Features, FeatureSpec
 from restuning.tuners import TaskModule
 from tests.fixtures.models import tiny_backbone_factory
@@ -81,6 +86,118 @@ def test_stacked_equals_one_task_at_a_time(
         _assert_all_close(group(features, rows), want)
     # A stack split into task chunks (tiny activation cap) gives the same answers.
     _assert_all_close(StackedGroup(modules, "stacked", max_stack_elements=1)(features, rows), want)
+
+
+# Heads of every kind and of several widths on one bypass shape: (kind, width) per task.
+# Widths [3, 7, 2, 5, 6] pad to 35 columns for 23 (x1.5): one padded matmul.
+# Widths [2, 2, 3, 2, 40] pad to 200 for 49 (x4.1): one matmul per task.
+MIXED_HEADS = {
+    "padded": [
+        ("classification", 3),
+        ("multilabel", 7),
+        ("regression", 2),
+        ("classification", 5),
+        ("embedding", 6),
+    ],
+    "segmented": [
+        ("classification", 2),
+        ("regression", 2),
+        ("multilabel", 3),
+        ("classification", 2),
+        ("embedding", 40),
+    ],
+}
+
+
+def _mixed_heads(layout: str, **config: object) -> list[TaskModule]:
+    norm = make_norm(8)
+    modules = []
+    for i, (kind, width) in enumerate(MIXED_HEADS[layout]):
+        labels = [f"c{j}" for j in range(width)] if kind != "embedding" else None
+        cfg = make_config(
+            f"h{i}",
+            BACKBONE,
+            task=kind,  # type: ignore[arg-type]
+            labels=labels,
+            embedding_dim=width,
+            **config,  # type: ignore[arg-type]
+        )
+        modules.append(make_task(cfg, norm, seed=10 + i))
+    assert [m.config.num_outputs for m in modules] == [w for _, w in MIXED_HEADS[layout]]
+    return modules
+
+
+@pytest.mark.parametrize("layout", list(MIXED_HEADS))
+@pytest.mark.parametrize("tuner", KINDS)
+@pytest.mark.parametrize("rows", ROW_SETS, ids=ROW_IDS)
+def test_mixed_heads_stack_and_equal_one_task_at_a_time(
+    layout: str, tuner: str, rows: list[Tensor]
+) -> None:
+    """Heads of different kinds and class counts share one stack; each task's output is its
+    own width and equals the task alone, whichever head layout runs."""
+    modules = _mixed_heads(layout, tuner=tuner, pooling="mean", layers=(2, 4))
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=5)
+    want = _one_at_a_time(modules, features, rows)
+    for strategy in ("stacked", "loop"):
+        group = StackedGroup(modules, strategy)  # type: ignore[arg-type]
+        assert group.head_layout == layout
+        _assert_all_close(group(features, rows), want)
+    chunked = StackedGroup(modules, "stacked", max_stack_elements=1)
+    _assert_all_close(chunked(features, rows), want)
+    fanout = GroupedFanout(modules)
+    assert len(fanout.groups) == 1
+    _assert_all_close(fanout(features, rows), want)
+
+
+@pytest.mark.parametrize("layout", list(MIXED_HEADS))
+def test_mixed_heads_forward_all_pads_to_the_widest_head_with_zeros(layout: str) -> None:
+    modules = _mixed_heads(layout)
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=6)
+    group = StackedGroup(modules, "stacked")
+    out = group.forward_all(features)  # (K, B, C)
+    assert out.shape == (5, BATCH, max(group.widths))
+    assert group.width == max(group.widths)
+    want = _one_at_a_time(modules, features, [torch.arange(BATCH)] * 5)
+    _assert_all_close([out[k, :, :c] for k, c in enumerate(group.widths)], want)
+    for k, c in enumerate(group.widths):
+        assert not out[k, :, c:].any()
+
+
+def test_a_head_wider_than_its_config_shows_its_own_width_in_a_stack() -> None:
+    """The stack cuts each output to the head's own width, not the config's: a head that
+    disagrees with its config answers the wrong shape stacked as alone (and is caught)."""
+    modules = _mixed_heads("padded")
+    modules[1].head = torch.nn.Linear(8, modules[1].config.num_outputs + 2)
+    features = make_features(range(5), BATCH, tokens=5, dim=8, seed=7)
+    want = _one_at_a_time(modules, features, DENSE)
+    assert want[1].shape[1] == modules[1].config.num_outputs + 2
+    group = StackedGroup(modules, "stacked")
+    _assert_all_close(group(features, DENSE), want)
+    assert group.forward_all(features).shape[2] == group.width == max(w.shape[1] for w in want)
+
+
+def test_head_layout_choice() -> None:
+    assert choose_head_layout([10] * 19) == "padded"
+    assert choose_head_layout([3, 7, 2, 5, 6]) == "padded"
+    vtab = [102, 100, 47, 102, 37, 10, 397, 2, 10, 45, 5, 8, 6, 6, 4, 16, 16, 18, 9]
+    assert choose_head_layout(vtab) == "segmented"
+    assert choose_head_layout([2, 2, 3, 2, 40]) == "segmented"
+
+
+def test_padding_counts_in_a_groups_bytes() -> None:
+    """A padded stack weighs its padded heads; a segmented one only the heads' own tensors."""
+
+    def head_bytes(modules: tuple[TaskModule, ...]) -> int:
+        return sum((m.head.weight.numel() + m.head.bias.numel()) * 4 for m in modules)
+
+    segmented = StackedGroup(_mixed_heads("segmented"), "stacked")
+    padded = StackedGroup(_mixed_heads("padded"), "stacked")
+    tuner_bytes = segmented.nbytes - head_bytes(segmented.modules)
+    assert tuner_bytes > 0
+    k, c, d = 5, 7, 8
+    assert padded.nbytes == tuner_bytes + k * (c * d + c) * 4
+    assert padded.nbytes > tuner_bytes + head_bytes(padded.modules)
+    assert StackedGroup(segmented.modules[:1], "loop").nbytes == 0
 
 
 def test_no_rows_at_all() -> None:
@@ -170,7 +287,7 @@ def test_groups_are_immutable() -> None:
 def test_group_checks_its_inputs() -> None:
     a = _tasks(1)[0]
     other = make_task(make_config("o", BACKBONE, bottleneck=2), make_norm(8))
-    with pytest.raises(ValueError, match="shape_key"):
+    with pytest.raises(ValueError, match="stack_key"):
         StackedGroup([a, other])
     with pytest.raises(ValueError, match="duplicate"):
         StackedGroup([a, a])

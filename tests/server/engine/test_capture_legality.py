@@ -183,6 +183,63 @@ def test_every_plan_shape_is_capturable(
     assert recorder.ops > 0
 
 
+MIXED_HEADS: dict[str, dict[str, dict[str, Any]]] = {
+    "padded": {
+        "cls3": {"seed": 1},
+        "reg": {"seed": 2, "task": "regression"},
+        "ml": {"seed": 3, "task": "multilabel"},
+        "emb": {"seed": 4, "task": "embedding", "embedding_dim": 5},
+    },
+    "segmented": {
+        "cls3": {"seed": 1},
+        "reg": {"seed": 2, "task": "regression"},
+        "emb": {"seed": 4, "task": "embedding", "embedding_dim": 40},
+    },
+}
+"""One bypass shape (res_adapter, blocks 1-2, CLS) under heads of every kind and width, in
+either head layout."""
+
+
+@pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
+@pytest.mark.parametrize("layout", list(MIXED_HEADS))
+@pytest.mark.parametrize("grouped", ["on", "off"])
+def test_a_mixed_heads_stack_is_capturable(
+    tiny_backbone: TorchBackbone,
+    artifact: ArtifactFactory,
+    layout: str,
+    grouped: str,
+    device: str,
+    dtype: torch.dtype,
+) -> None:
+    """A plan whose one stack holds heads of several kinds and class counts (the stack the
+    engine's eager path builds for them)."""
+    tuners = [
+        loaded_tuner(tiny_backbone, artifact(name, layers=(1, 2), **kw))
+        for name, kw in MIXED_HEADS[layout].items()
+    ]
+    if device != "cpu" or dtype != torch.float32:
+        backbone = copy.deepcopy(tiny_backbone).to(device=device, dtype=dtype)
+        tuners = [replace(t, module=copy.deepcopy(t.module).to(device)) for t in tuners]
+    else:
+        backbone = tiny_backbone
+    groups = (tuple(tuners),)
+    _, h, w = backbone.data_config.input_size
+    plan = DensePlan(
+        graph_key(4, groups),
+        groups,
+        backbone.forward_features,
+        input_shape=(3, h, w),
+        device=torch.device(device),
+        dtype=dtype,
+        grouped=grouped,  # type: ignore[arg-type]
+    )
+    (group,) = plan.groups
+    assert group.head_layout == layout
+    assert len(set(group.widths)) > 1
+    recorder = plan.check_capturable()
+    assert recorder.ops > 0
+
+
 @pytest.mark.parametrize(("device", "dtype"), PLACEMENTS)
 @pytest.mark.parametrize("grouped", ["on", "off"])
 def test_cls_plans_with_and_without_the_grouped_kernel_are_capturable(
@@ -218,7 +275,8 @@ def test_plans_own_every_tuner_tensor_they_read(
         assert stack is not None
         assert stack.norm.weight is not None
         assert stack.norm.weight.dtype == torch.bfloat16
-        assert stack.head_weight.dtype == torch.bfloat16
+        assert stack.dtype == torch.bfloat16
+        assert all(w.dtype == torch.bfloat16 for w, _ in stack.heads)
 
 
 def test_the_backbones_cached_position_embedding_is_kept_with_the_plan(
