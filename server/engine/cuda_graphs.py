@@ -94,8 +94,10 @@ class GraphKey:
 
 
 def group_tuners(tuners: Iterable[LoadedTuner]) -> TunerGroups:
-    """Stackable groups of ``tuners`` exactly as the eager engine forms them."""
-    return tuple(tuple(t.tuner for t in group) for group in _groups([_Task(t) for t in tuners]))
+    """Stackable groups of ``tuners`` exactly as the eager engine forms them: by bypass shape,
+    heads of any kind and width in one group."""
+    tasks = [_Task(t) for t in tuners]
+    return tuple(tuple(t.tuner for t in group) for group in _groups(tasks, mixed_heads=True))
 
 
 def graph_key(bucket: int, groups: TunerGroups) -> GraphKey:
@@ -230,10 +232,9 @@ class DensePlan:
         return recorder
 
     def output_shapes(self) -> list[tuple[int, int, int]]:
-        """(K, bucket, C) of each group's block of the flat output."""
-        return [
-            (len(g.modules), self._key.bucket, g.modules[0].config.num_outputs) for g in self.groups
-        ]
+        """(K, bucket, C) of each group's block of the flat output; C is the group's widest
+        head (narrower heads are zero-padded to it: cut each task's own columns)."""
+        return [(len(g.modules), self._key.bucket, g.width) for g in self.groups]
 
     def run_pixels(self, pixels: Tensor) -> PlanOutput:
         n = int(pixels.shape[0])

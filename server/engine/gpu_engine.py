@@ -210,7 +210,8 @@ class GpuEngine(Engine):
         for group, outputs in zip(replayed.plan.tuners, out.outputs, strict=True):
             for k, tuner in enumerate(group):
                 task = tasks[tuner.key]
-                rows = outputs[k, task.rows]  # (n, C) float32, host
+                # (n, C_k) float32, host: the group's block is as wide as its widest head.
+                rows = outputs[k, task.rows, : head_width(tuner)]
                 self._answer(task, rows, items, answers, bad_images)
         in_plan = {t.tuner.key for t in graphed}
         riders = [t for t in servable if t.tuner.key not in in_plan]
@@ -357,3 +358,10 @@ def build_engine(
         tuner_device=settings.device,
         group_cache_bytes=settings.tuner_memory_bytes,
     )
+
+
+def head_width(tuner: LoadedTuner) -> int:
+    """The columns of a plan's output block that belong to ``tuner``: its head's own width
+    (a head that disagrees with its config then answers ``bad_output_shape``, as it does
+    eagerly)."""
+    return int(tuner.module.head.bias.shape[0])

@@ -24,6 +24,7 @@ from hypothesis import given
 from PIL import Image
 from pydantic import ValidationError
 
+from restuning import fanout
 from restuning.backbone import TorchBackbone, load_backbone
 from restuning.preprocess import preprocess
 from server.engine import buckets as bk
@@ -247,6 +248,34 @@ def test_plan_answers_equal_the_eager_engine_and_images_alone(
         _assert_same_answers([got.answers], [alone.answers])
     assert metrics.registry.get_sample_value("restune_cuda_graph_fallbacks_total") is None
     assert metrics.registry.get_sample_value("restune_cuda_graphs") == len(gpu.graphs)
+
+
+@pytest.mark.parametrize("padding", [8.0, 1.0], ids=["padded", "segmented"])
+def test_a_plan_stacks_mixed_heads_and_cuts_each_tasks_columns(
+    tiny_backbone: TorchBackbone,
+    runtime: RecordingRuntime,
+    artifact: ArtifactFactory,
+    padding: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tasks of one bypass shape with heads of other kinds and widths share one group of the
+    plan (padded or one matmul per head), and each answers as in the eager engine."""
+    monkeypatch.setattr(fanout, "MAX_HEAD_PADDING", padding)
+    same = {"layers": (1, 2)}
+    mixed = [
+        loaded_tuner(tiny_backbone, artifact("wide", seed=1, labels=list("abcdefg"), **same)),
+        loaded_tuner(tiny_backbone, artifact("pair", seed=2, labels=["x", "y"], **same)),
+        loaded_tuner(tiny_backbone, artifact("reg", seed=3, task="regression", **same)),
+        loaded_tuner(tiny_backbone, artifact("vec", seed=4, task="embedding", **same)),
+    ]
+    (group,) = group_tuners(mixed)
+    assert len(group) == 4
+    items = _items(tiny_backbone, [(0, mixed), (1, mixed[:2]), (2, mixed[2:])])
+    gpu = _gpu_engine(runtime, tiny_backbone)
+    out = gpu.run_batch(items)
+    assert len(gpu.graphs) == 1
+    want = Engine(runtime, FeatureCache(0)).run_batch(items)
+    _assert_same_answers([o.answers for o in out.items], [o.answers for o in want.items])
 
 
 def test_padding_rows_hold_zeros_not_other_images(
