@@ -1,9 +1,10 @@
 """Train one task's bypass + head on a frozen backbone: what ``restune train`` and the demo call.
 
 Steps: config from the data and the tuner options -> reference init (seeded) -> deterministic
-train/validation split -> features from the cache (each image through the backbone once, ever)
-or, with augmentation, recomputed per epoch for the training images -> :func:`loop.fit` ->
-a module whose config carries the training summary, ready for ``artifact_io.save_task``.
+train/validation split -> features into the on-disk cache (each image through the backbone
+once, ever; a killed run resumes) -> :func:`loop.fit` reading them back a batch at a time (or,
+with augmentation, computing the training images' features per batch every epoch) -> a module
+whose config carries the training summary, ready for ``artifact_io.save_task``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from restuning.features import Features
 from restuning.heads import loss_fn
-from restuning.train.augment import AugmentedFeatures, AugmentOptions
+from restuning.train.augment import AugmentedRows, AugmentOptions
 from restuning.train.data import DataError, LabeledImages, split_indices
-from restuning.train.feature_cache import DEFAULT_BATCH_SIZE, FeatureBackbone, FeatureCache
-from restuning.train.loop import EpochFeatures, FitResult, Objective, TrainOptions, fit
+from restuning.train.feature_cache import (
+    DEFAULT_BATCH_SIZE,
+    FeatureBackbone,
+    FeatureCache,
+    StoreDtype,
+)
+from restuning.train.loop import FeatureRows, FitResult, Objective, TrainOptions, fit
 from restuning.train.metrics import PRIMARY_METRIC, evaluate
 from restuning.train.progress import Progress, Reporter
 from restuning.tuners import TaskModule, build_task, init_task
@@ -124,16 +130,19 @@ def train_task(
     augment: AugmentOptions | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     batch_size_features: int = DEFAULT_BATCH_SIZE,
+    cache_dtype: StoreDtype = "float16",
+    cache_max_bytes: int | None = None,
     progress: Progress = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedTask:
     """Train a tuner called ``name`` for ``data`` on ``backbone``.
 
-    ``cache_dir`` keeps features on disk between runs (None: in memory for this call);
-    ``cache`` reuses a :class:`FeatureCache` whose spec covers the task's (several tasks on
-    the same images). ``augment`` recomputes training features per epoch. Raises
-    :class:`DataError` for unusable data and ``TrainingCancelledError`` when ``should_stop``
-    turns true.
+    ``cache_dir`` keeps features on disk between runs (None: a temporary directory for this
+    call); ``cache`` reuses a :class:`FeatureCache` whose spec covers the task's (several tasks
+    on the same images). ``cache_dtype`` is how features are stored; ``cache_max_bytes``
+    bounds the cache directory. ``augment`` recomputes training features per epoch. Raises
+    :class:`DataError` for unusable data, ``CacheSpaceError`` when the features would not fit
+    and ``TrainingCancelledError`` when ``should_stop`` turns true.
     """
     task = task or TaskOptions()
     options = options or TrainOptions()
@@ -149,44 +158,75 @@ def train_task(
         raise DataError(f"{data.source}: no training images left after the split")
 
     feature_started = time.perf_counter()
+    own_cache = cache is None
     if cache is None:
-        cache = FeatureCache(cache_dir, backbone, spec, batch_size=batch_size_features)
+        cache = FeatureCache(
+            cache_dir,
+            backbone,
+            spec,
+            batch_size=batch_size_features,
+            store_dtype=cache_dtype,
+            max_bytes=cache_max_bytes,
+        )
+    try:
+        return _train_on_cache(
+            data, name, backbone, module, norm, config, cache, reporter, options,
+            train_idx, val_idx, augment, batch_size_features, feature_started,
+        )  # fmt: skip
+    finally:
+        if own_cache:
+            cache.close()
+
+
+def _train_on_cache(
+    data: LabeledImages,
+    name: str,
+    backbone: FeatureBackbone,
+    module: TaskModule,
+    norm: nn.LayerNorm,
+    config: TunerConfig,
+    cache: FeatureCache,
+    reporter: Reporter,
+    options: TrainOptions,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    augment: AugmentOptions | None,
+    batch_size_features: int,
+    feature_started: float,
+) -> TrainedTask:
+    """:func:`train_task` once the module, split and cache exist."""
+    spec = module.feature_spec
     cache.reporter = reporter
     forwards_before = cache.forwards
     # Augmented runs still need the cached features of the validation images only.
-    wanted = val_idx if augment is not None else range(len(data))
-    cached = (
-        Features(cache.spec, cache.features([data.images[i] for i in wanted])).select(spec).data
-        if len(wanted)
-        else None
-    )  # (L', n', N', D)
+    wanted = val_idx if augment is not None else np.arange(len(data))
+    if len(wanted):
+        cache.ensure([data.images[i] for i in wanted])
+    val_rows = cache.rows([data.images[i] for i in val_idx], spec) if len(val_idx) else None
     feature_seconds = time.perf_counter() - feature_started
-    augmented: AugmentedFeatures | None = None
+    augmented: AugmentedRows | None = None
+    train_rows: FeatureRows
     if augment is not None:
-        augmented = AugmentedFeatures(
+        augmented = AugmentedRows(
             backbone,
             [data.images[i] for i in train_idx],
             spec,
             seed=options.seed,
             options=augment,
             batch_size=batch_size_features,
-            reporter=reporter,
         )
-        train_features: EpochFeatures = augmented
-        val_features = cached
+        train_rows = augmented
     else:
-        assert cached is not None
-        train_features = _constant(cached[:, torch.from_numpy(train_idx)])
-        val_features = cached[:, torch.from_numpy(val_idx)] if len(val_idx) else None
+        train_rows = cache.rows([data.images[i] for i in train_idx], spec)
 
     train_targets = data.targets[torch.from_numpy(train_idx)]
     val_targets = data.targets[torch.from_numpy(val_idx)] if len(val_idx) else None
     objective, finish = _objective(config, data, train_targets, options.seed)
     result = fit(
         module,
-        train_features,
+        train_rows,
         train_targets,
-        val_features,
+        val_rows,
         val_targets,
         objective,
         options,
@@ -219,15 +259,6 @@ def train_task(
     reporter.message(_describe(name, summary))
     trained = build_task(config.model_copy(update={"training": summary}), module.state_dict(), norm)
     return TrainedTask(trained.eval(), summary)
-
-
-def _constant(data: Tensor) -> EpochFeatures:
-    """The same training features (L', n, N', D) every epoch."""
-
-    def features(_epoch: int) -> Tensor:
-        return data
-
-    return features
 
 
 def _objective(
