@@ -214,6 +214,7 @@ def _train_on_cache(
             seed=options.seed,
             options=augment,
             batch_size=batch_size_features,
+            row_shape=val_rows.row_shape if val_rows is not None else None,
         )
         train_rows = augmented
     else:

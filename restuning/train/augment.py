@@ -94,13 +94,15 @@ class AugmentedRows:
         seed: int,
         options: AugmentOptions | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        row_shape: tuple[int, int, int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.backbone = backbone
         self.images = list(images)
         self.spec = spec
-        self._row_shape: tuple[int, int, int] | None = None
+        self._row_shape = row_shape
+        """(L', N', D) when the caller knows it (the cached validation rows have it)."""
         self.seed = seed
         self.options = options or AugmentOptions()
         self.batch_size = batch_size

@@ -33,9 +33,12 @@ Such steps (every CLS-pooled task: 64 x 1 x 384) are microseconds of work per op
 second OpenMP thread for each op cost more than it saved, and on a loaded 2-core machine
 made a training run 12x slower (the training test module: 215 s -> 18 s).
 """
-EVAL_BATCH_BYTES = 128 * 1024 * 1024
-"""Float32 feature bytes per validation forward: caps ``eval_batch_size`` for all-token rows
-(26 rows of ViT-S/14 at 224 px instead of 512, which would be 2.6 GB)."""
+FORWARD_FEATURE_BYTES = 64 * 1024 * 1024
+"""Float32 feature bytes per forward (and backward): a training step whose batch holds more
+runs as micro-batches whose gradients add up to the batch's, and validation forwards are cut
+to fit. An all-token ViT-S/14 row is 5.1 MB: 13 rows per forward instead of 64 (training) or
+512 (validation); a step of 64 such rows held 1.9 GB at its peak. CLS rows (20 KB) are never
+split."""
 
 
 class FeatureRows(Protocol):
@@ -135,11 +138,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def eval_rows(row_shape: tuple[int, int, int], batch_size: int) -> int:
-    """Rows per validation forward: ``batch_size``, fewer when their float32 features would
-    pass :data:`EVAL_BATCH_BYTES`."""
+def rows_per_forward(row_shape: tuple[int, int, int], batch_size: int) -> int:
+    """Rows per forward: ``batch_size``, fewer when their float32 features would pass
+    :data:`FORWARD_FEATURE_BYTES`."""
     row_bytes = 4 * row_shape[0] * row_shape[1] * row_shape[2]
-    return max(1, min(batch_size, EVAL_BATCH_BYTES // max(1, row_bytes)))
+    return max(1, min(batch_size, FORWARD_FEATURE_BYTES // max(1, row_bytes)))
 
 
 @torch.no_grad()
@@ -152,7 +155,7 @@ def predict(
         rows = TensorRows(rows)
     was_training = module.training
     module.eval()
-    step = eval_rows(rows.row_shape, batch_size)
+    step = rows_per_forward(rows.row_shape, batch_size)
     outputs = []
     for start in range(0, len(rows), step):
         index = torch.arange(start, min(start + step, len(rows)))
@@ -193,24 +196,33 @@ def _epoch(
     batch_size: int,
     reporter: Reporter,
 ) -> float:
-    """One pass over ``rows`` in mini-batches read one at a time; returns the mean loss."""
+    """One pass over ``rows`` in mini-batches read one at a time; returns the mean loss.
+
+    A mini-batch larger than one forward's byte budget runs as micro-batches: each one's
+    loss is weighted by its share of the mini-batch, so the summed gradients are those of the
+    mini-batch's mean loss (every objective here is a mean over rows).
+    """
     spec = module.feature_spec
+    micro = rows_per_forward(rows.row_shape, batch_size)
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         reporter.check()
         idx = order[start : start + batch_size]
-        # Read (or augment and compute) outside step_threads: a backbone forward wants every
-        # thread even when the bypass step on its output is small.
-        data = rows.read(idx, epoch)  # (L', B, N', D)
-        with step_threads(len(idx) * data.shape[2] * data.shape[3]):
-            outputs = module(Features(spec, data))  # (B, C)
-            loss = objective.loss(outputs, targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
+        optimizer.zero_grad(set_to_none=True)
+        for part in (idx[i : i + micro] for i in range(0, len(idx), micro)):
+            # Read (or augment and compute) outside step_threads: a backbone forward wants
+            # every thread even when the bypass step on its output is small.
+            data = rows.read(part, epoch)  # (L', b, N', D)
+            with step_threads(len(part) * data.shape[2] * data.shape[3]):
+                outputs = module(Features(spec, data))  # (b, C)
+                loss = objective.loss(outputs, targets[part])
+                weighted = loss if len(part) == len(idx) else loss * (len(part) / len(idx))
+                torch.autograd.backward(weighted)
+            loss_sum += float(loss.detach()) * len(part)
+            del data, outputs, loss, weighted
+        with step_threads(len(idx) * rows.row_shape[1] * rows.row_shape[2]):
             optimizer.step()
         schedule.step()
-        loss_sum += float(loss.detach()) * len(idx)
-        del data, outputs, loss
     return loss_sum / len(order)
 
 

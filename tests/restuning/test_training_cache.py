@@ -5,6 +5,7 @@ and float16 training within noise of float32. Tiny random backbone, real PNG dig
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from restuning.train.feature_cache import (
     compute_features,
     read_chunk_header,
 )
-from restuning.train.loop import EVAL_BATCH_BYTES, TensorRows, eval_rows
+from restuning.train.loop import FORWARD_FEATURE_BYTES, TensorRows, rows_per_forward
 from tests.fixtures.live_server import REPO_ROOT
 from tests.fixtures.training_data import (
     CountingBackbone,
@@ -184,7 +185,7 @@ class RecordingRows:
 
 
 def test_the_loop_never_reads_more_than_a_batch(
-    digit_folder: Path, tiny_backbone: TorchBackbone
+    digit_folder: Path, tiny_backbone: TorchBackbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from restuning.train.api import build_config, frozen_norm_copy
     from restuning.train.loop import Objective, fit
@@ -203,17 +204,44 @@ def test_the_loop_never_reads_more_than_a_batch(
         lambda o, t: {"acc": float((o.argmax(-1) == t).float().mean())},
         "acc",
     )
-    fit(module, train, data.targets[:40], val, data.targets[40:], objective,
-        TrainOptions(epochs=2, batch_size=16, eval_batch_size=3))  # fmt: skip
+    options = TrainOptions(epochs=2, batch_size=16, eval_batch_size=3)
+    fit(module, train, data.targets[:40], val, data.targets[40:], objective, options)
     assert train.reads == [16, 16, 8] * 2
     assert val.reads == [3, 3, 2] * 2
+    # Rows bigger than a forward's budget: a step of 16 is read and run 6 rows at a time.
+    monkeypatch.setattr(
+        "restuning.train.loop.FORWARD_FEATURE_BYTES", 6 * 4 * math.prod(train.row_shape)
+    )
+    train.reads.clear()
+    fit(module, train, data.targets[:40], None, None, objective, options)
+    assert train.reads == [6, 6, 4, 6, 6, 4, 6, 2] * 2
 
 
-def test_validation_batches_are_capped_by_bytes() -> None:
+def test_forwards_are_capped_by_feature_bytes() -> None:
     vit_s_all_tokens = (13, 257, 384)  # 5.1 MB of float32 per image
-    assert eval_rows(vit_s_all_tokens, 512) == EVAL_BATCH_BYTES // (4 * 13 * 257 * 384) == 26
-    assert eval_rows((13, 1, 384), 512) == 512  # CLS rows: the configured batch
-    assert eval_rows((1, 100_000, 10_000), 512) == 1
+    expected = FORWARD_FEATURE_BYTES // (4 * 13 * 257 * 384)
+    assert rows_per_forward(vit_s_all_tokens, 512) == expected == 13
+    assert rows_per_forward((13, 1, 384), 512) == 512  # CLS rows: the configured batch
+    assert rows_per_forward((1, 100_000, 10_000), 512) == 1
+
+
+def test_micro_batches_give_the_mini_batch_gradient(
+    digit_folder: Path, tiny_backbone: TorchBackbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = load_data(digit_folder)
+
+    def weights() -> dict[str, torch.Tensor]:
+        options = TrainOptions(epochs=2, batch_size=16, lr=3e-3)
+        return train_task(data, "m", tiny_backbone, task=MEAN, options=options, progress=False)[
+            0
+        ].state_dict()
+
+    whole = weights()
+    row_bytes = 4 * 3 * 17 * 32  # x_0..x_2, 17 tokens, dim 32
+    monkeypatch.setattr("restuning.train.loop.FORWARD_FEATURE_BYTES", 5 * row_bytes)
+    split = weights()  # each step of 16 as micro-batches of 5, 5, 5, 1
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, rtol=1e-4, atol=1e-5)
 
 
 class ScaledBackbone(CountingBackbone):
