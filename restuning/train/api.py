@@ -9,6 +9,7 @@ whose config carries the training summary, ready for ``artifact_io.save_task``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -158,108 +159,83 @@ def train_task(
         raise DataError(f"{data.source}: no training images left after the split")
 
     feature_started = time.perf_counter()
-    own_cache = cache is None
-    if cache is None:
-        cache = FeatureCache(
-            cache_dir,
-            backbone,
-            spec,
-            batch_size=batch_size_features,
-            store_dtype=cache_dtype,
-            max_bytes=cache_max_bytes,
+    with contextlib.ExitStack() as owned:
+        if cache is None:
+            cache = FeatureCache(
+                cache_dir,
+                backbone,
+                spec,
+                batch_size=batch_size_features,
+                store_dtype=cache_dtype,
+                max_bytes=cache_max_bytes,
+            )
+            owned.callback(cache.close)  # a temporary directory when cache_dir is None
+        cache.reporter = reporter
+        forwards_before = cache.forwards
+        # Augmented runs still need the cached features of the validation images only.
+        wanted = val_idx if augment is not None else np.arange(len(data))
+        if len(wanted):
+            cache.ensure([data.images[i] for i in wanted])
+        val_rows = cache.rows([data.images[i] for i in val_idx], spec) if len(val_idx) else None
+        feature_seconds = time.perf_counter() - feature_started
+        augmented: AugmentedRows | None = None
+        train_rows: FeatureRows
+        if augment is not None:
+            augmented = AugmentedRows(
+                backbone,
+                [data.images[i] for i in train_idx],
+                spec,
+                seed=options.seed,
+                options=augment,
+                batch_size=batch_size_features,
+                row_shape=val_rows.row_shape if val_rows is not None else None,
+            )
+            train_rows = augmented
+        else:
+            train_rows = cache.rows([data.images[i] for i in train_idx], spec)
+
+        train_targets = data.targets[torch.from_numpy(train_idx)]
+        val_targets = data.targets[torch.from_numpy(val_idx)] if len(val_idx) else None
+        objective, finish = _objective(config, data, train_targets, options.seed)
+        result = fit(
+            module,
+            train_rows,
+            train_targets,
+            val_rows,
+            val_targets,
+            objective,
+            options,
+            reporter,
         )
-    try:
-        return _train_on_cache(
-            data, name, backbone, module, norm, config, cache, reporter, options,
-            train_idx, val_idx, augment, batch_size_features, feature_started,
-        )  # fmt: skip
-    finally:
-        if own_cache:
-            cache.close()
+        finish(module)
 
-
-def _train_on_cache(
-    data: LabeledImages,
-    name: str,
-    backbone: FeatureBackbone,
-    module: TaskModule,
-    norm: nn.LayerNorm,
-    config: TunerConfig,
-    cache: FeatureCache,
-    reporter: Reporter,
-    options: TrainOptions,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    augment: AugmentOptions | None,
-    batch_size_features: int,
-    feature_started: float,
-) -> TrainedTask:
-    """:func:`train_task` once the module, split and cache exist."""
-    spec = module.feature_spec
-    cache.reporter = reporter
-    forwards_before = cache.forwards
-    # Augmented runs still need the cached features of the validation images only.
-    wanted = val_idx if augment is not None else np.arange(len(data))
-    if len(wanted):
-        cache.ensure([data.images[i] for i in wanted])
-    val_rows = cache.rows([data.images[i] for i in val_idx], spec) if len(val_idx) else None
-    feature_seconds = time.perf_counter() - feature_started
-    augmented: AugmentedRows | None = None
-    train_rows: FeatureRows
-    if augment is not None:
-        augmented = AugmentedRows(
-            backbone,
-            [data.images[i] for i in train_idx],
-            spec,
+        extra = {k: v for k, v in result.val.items() if k != objective.primary}
+        extra.update(
+            params=float(parameter_count(config)),
+            train_loss=result.train_loss,
+            best_epoch=float(result.best_epoch),
+            train_seconds=round(result.seconds, 3),
+            feature_seconds=round(feature_seconds, 3),
+            backbone_forwards=float(cache.forwards - forwards_before),
+        )
+        if augmented is not None:
+            extra["backbone_forwards"] += augmented.forwards
+            extra["augmented"] = 1.0
+        summary = TrainingSummary(
+            data=data.source,
+            epochs=result.epochs_run,
+            train_size=len(train_idx),
+            val_size=len(val_idx),
+            val_metric=objective.primary if result.val else "",
+            val_score=result.val.get(objective.primary),
             seed=options.seed,
-            options=augment,
-            batch_size=batch_size_features,
-            row_shape=val_rows.row_shape if val_rows is not None else None,
+            extra=extra,
         )
-        train_rows = augmented
-    else:
-        train_rows = cache.rows([data.images[i] for i in train_idx], spec)
-
-    train_targets = data.targets[torch.from_numpy(train_idx)]
-    val_targets = data.targets[torch.from_numpy(val_idx)] if len(val_idx) else None
-    objective, finish = _objective(config, data, train_targets, options.seed)
-    result = fit(
-        module,
-        train_rows,
-        train_targets,
-        val_rows,
-        val_targets,
-        objective,
-        options,
-        reporter,
-    )
-    finish(module)
-
-    extra = {k: v for k, v in result.val.items() if k != objective.primary}
-    extra.update(
-        params=float(parameter_count(config)),
-        train_loss=result.train_loss,
-        best_epoch=float(result.best_epoch),
-        train_seconds=round(result.seconds, 3),
-        feature_seconds=round(feature_seconds, 3),
-        backbone_forwards=float(cache.forwards - forwards_before),
-    )
-    if augmented is not None:
-        extra["backbone_forwards"] += augmented.forwards
-        extra["augmented"] = 1.0
-    summary = TrainingSummary(
-        data=data.source,
-        epochs=result.epochs_run,
-        train_size=len(train_idx),
-        val_size=len(val_idx),
-        val_metric=objective.primary if result.val else "",
-        val_score=result.val.get(objective.primary),
-        seed=options.seed,
-        extra=extra,
-    )
-    reporter.message(_describe(name, summary))
-    trained = build_task(config.model_copy(update={"training": summary}), module.state_dict(), norm)
-    return TrainedTask(trained.eval(), summary)
+        reporter.message(_describe(name, summary))
+        trained = build_task(
+            config.model_copy(update={"training": summary}), module.state_dict(), norm
+        )
+        return TrainedTask(trained.eval(), summary)
 
 
 def _objective(
