@@ -60,6 +60,9 @@ class Profile:
     """(arch, weights) passed to ``restune train``; None: the embedded default."""
     epochs: int
     label: str
+    train_args: tuple[str, ...] = ()
+    """More ``restune train`` options (``--layers 1-2``: a bypass over the first blocks, whose
+    extraction stops after block 2)."""
 
 
 PROFILES = {
@@ -146,7 +149,7 @@ def measure(
                 "--out", str(work / f"{pooling}-{size}.safetensors"), "--pooling", pooling,
                 "--epochs", str(profile.epochs), "--cache-dir", str(cache),
                 "--threads", str(threads), "--quiet",
-                *backbone,
+                *backbone, *profile.train_args,
             ]  # fmt: skip
             for phase in phases:
                 log = work / f"{pooling}-{size}-{phase}.log"
@@ -208,6 +211,7 @@ def run(
         "backbone": profile.label,
         "sizes": list(profile.sizes),
         "epochs": profile.epochs,
+        "train_args": list(profile.train_args),
         "threads": timing.threads(),
         "code_root": str(code_root),
         "method": (
@@ -223,6 +227,8 @@ def run(
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """A readable table of :func:`run`'s result."""
     lines = [f"{result['backbone']}, {result['epochs']} epochs, sizes {result['sizes']}"]
+    if result.get("train_args"):
+        lines[0] += f", restune train {' '.join(result['train_args'])}"
     for r in result["runs"]:
         lines.append(
             f"  {r['pooling']:4s} {r['images']:5d} {r['phase']:4s}  peak RSS "
@@ -251,6 +257,7 @@ def main() -> None:
     custom.add_argument(
         "--backbone", default="embedded", help="ARCH:WEIGHTS, or embedded (the default)"
     )
+    custom.add_argument("--train-args", default="", help="more restune train options")
     parser.add_argument("--poolings", default=",".join(POOLINGS))
     parser.add_argument("--phases", default=",".join(PHASES))
     args = parser.parse_args()
@@ -262,7 +269,9 @@ def main() -> None:
         small, large = (int(n) for n in args.sizes.split(","))
         arch, _, weights = args.backbone.partition(":")
         pair = None if args.backbone == "embedded" else (arch, weights)
-        profile = Profile((small, large), pair, args.epochs, args.backbone)
+        extra = tuple(args.train_args.split())
+        label = f"{args.backbone} {args.train_args}".strip()
+        profile = Profile((small, large), pair, args.epochs, label, extra)
     result = run(
         args.quick, args.smoke, args.code_root.resolve(), args.work, profile,
         tuple(args.poolings.split(",")), tuple(args.phases.split(",")),

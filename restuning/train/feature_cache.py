@@ -19,9 +19,9 @@ Layout of ``<root>/<namespace>/``:
   that a killed run renamed but did not list is found by its header and listed.
 
 Chunks are written to ``.tmp-<pid>-*`` files and renamed, so a crash leaves whole chunks only;
-two writers of the same images write the same chunk name. Rows are read with ``pread`` into a
-batch buffer, not memory-mapped: pages of a mapped file count in the process's RSS as they are
-touched, so an epoch over a mapped cache would grow RSS to the cache's size.
+two writers of the same images write the same chunk name. Rows are read with ``pread``, one at a
+time into the batch's tensor, not memory-mapped: pages of a mapped file count in the process's
+RSS as they are touched, so an epoch over a mapped cache would grow RSS to the cache's size.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ CACHE_FORMAT = "2"
 TENSOR_NAME = "features"
 MANIFEST = "manifest.jsonl"
 CHUNK_BYTES = 32 * 1024 * 1024
-"""A chunk is written once it holds this many bytes (one 32-image batch of all-token ViT-S
-features is 80 MB in float16: one chunk per batch)..."""
+"""A chunk is written once it holds this many bytes (all-token ViT-S/14 features in float16:
+every 16 images, two forwards)..."""
 CHUNK_IMAGES = 256
 """... or this many images (CLS-only features: a killed run loses at most this many)."""
 DEFAULT_BATCH_SIZE = 32
