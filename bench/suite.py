@@ -63,7 +63,7 @@ SECTIONS: tuple[Section, ...] = (
     # Its quick mode is the tiny test backbone: numbers only a full run should publish.
     Section("training_memory", "Training memory", _FULL),
     # Child `restune train` runs at two dataset sizes: vit_tiny (random) in quick, the embedded
-    # DINOv2 at 400 and 4,000 images in full (most of an hour of CPU).
+    # DINOv2 at 400 and 4,000 images in full (hours of CPU on 2 cores).
     Section("training_scale", "Training at dataset scale", _QUICK),
     Section("fanout_cost", "Fan-out cost, loop vs stacked", _FULL),
     Section("backbone_eager", "Backbone eager throughput", _FULL),
