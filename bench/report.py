@@ -655,6 +655,41 @@ def training_section(d: Json) -> list[str]:
     ]
 
 
+def training_scale_section(d: Json) -> list[str]:
+    """Peak RSS, time and cache bytes of `restune train` at two dataset sizes."""
+    lines = ["### Training at dataset scale", "", _run_line(d), ""]
+    if (why := _status(d)) is not None:
+        return [*lines, why, ""]
+    rows = [
+        [
+            r["pooling"],
+            r["images"],
+            r["phase"],
+            r["peak_rss_mb"],
+            r["wall_s"],
+            r["cpu_s"],
+            r["cache_bytes_per_image"] / 1e3,
+        ]
+        for r in d.get("runs", [])
+    ]
+    growth = "; ".join(
+        f"{pooling} " + ", ".join(f"{phase} x{ratio}" for phase, ratio in phases.items())
+        for pooling, phases in d.get("rss_growth", {}).items()
+    )
+    return [
+        *lines,
+        f"`restune train` child processes on {d.get('backbone')}, {d.get('epochs')} epochs; "
+        "cold = empty feature cache, warm = the same command again. Peak RSS at the larger "
+        f"size over the smaller: {growth}.",
+        "",
+        *table(
+            ["pooling", "images", "cache", "peak RSS MB", "wall s", "CPU s", "cache KB/image"],
+            rows,
+        ),
+        "",
+    ]
+
+
 def fanout_cost_section(d: Json) -> list[str]:
     """Our fan-out alone: loop vs stacked, CLS rows vs all tokens."""
     lines = ["### Fan-out cost, loop vs stacked (our engine alone)", "", _run_line(d), ""]
@@ -745,6 +780,7 @@ OTHERS: dict[str, Callable[[Json], list[str]]] = {
     "backbone_eager": backbone_section,
     "store_latency": store_section,
     "training_memory": training_section,
+    "training_scale": training_scale_section,
 }
 
 

@@ -269,7 +269,8 @@ def demo_accuracy(quick: bool, cache_dir: Path) -> dict[str, Any]:
     backbone = load_backbone(*default_backbone())
     int8 = OnnxBackbone.from_torch(backbone, cache_dir, threads=THREADS, int8=True)
     spec = demo_spec(backbone)
-    cache = FeatureCache(restune_home() / "features", backbone, spec)
+    # float32 on disk: the int8 features are compared with the unrounded float32 ones.
+    cache = FeatureCache(restune_home() / "features", backbone, spec, store_dtype="float32")
     tasks = []
     for task in demo_tasks():
         per_class = 10 if quick else task.per_class

@@ -64,6 +64,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("efficacy", "Accuracy: bypass vs linear probe", _ALL, _SMOKE),
     # Its quick mode is the tiny test backbone: numbers only a full run should publish.
     Section("training_memory", "Training memory", _FULL),
+    # Child `restune train` runs at two dataset sizes: vit_tiny (random) in quick, the embedded
+    # DINOv2 at 400 and 4,000 images in full (hours of CPU on 2 cores).
+    Section("training_scale", "Training at dataset scale", _QUICK),
     Section("fanout_cost", "Fan-out cost, loop vs stacked", _FULL),
     Section("backbone_eager", "Backbone eager throughput", _FULL),
 )

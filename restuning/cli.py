@@ -180,11 +180,42 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         default=None,
         help="feature cache (default $RESTUNE_HOME/features)",
     )
+    parser.add_argument(
+        "--cache-max-bytes",
+        type=_parse_bytes,
+        default=None,
+        metavar="SIZE",
+        help="refuse to grow the feature cache past SIZE (e.g. 20G, 500M; default: no limit "
+        "beyond the disk's free space)",
+    )
+    parser.add_argument(
+        "--cache-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="how cached features are stored (float16: half the disk, same results within noise)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--push", metavar="URL", default=None, help="register it on this server")
     parser.add_argument("--token", default=None, help="admin token (default $RESTUNE_ADMIN_TOKEN)")
     parser.set_defaults(func=train_command)
+
+
+_BYTE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _parse_bytes(text: str) -> int:
+    """``--cache-max-bytes``: a byte count with an optional K/M/G/T suffix (powers of 1000)."""
+    value = text.strip().upper().removesuffix("B")
+    unit = value[-1:] if value[-1:] in _BYTE_UNITS else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        amount = float(number) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 20G or 500M: {text!r}") from None
+    if not 0 <= amount < 2**62:
+        raise argparse.ArgumentTypeError(f"size out of range: {text!r}")
+    return int(amount)
 
 
 def _parse_layers(text: str | None, depth: int) -> tuple[int, int] | None:
@@ -266,6 +297,8 @@ def train_command(args: argparse.Namespace) -> int:
                 cache_dir=cache_dir,
                 augment=augment,
                 val_fraction=args.val_fraction,
+                cache_dtype=args.cache_dtype,
+                cache_max_bytes=args.cache_max_bytes,
                 progress=not args.quiet,
             )
     except (DataError, BackboneLoadError, ValueError) as err:

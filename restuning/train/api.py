@@ -1,13 +1,15 @@
 """Train one task's bypass + head on a frozen backbone: what ``restune train`` and the demo call.
 
 Steps: config from the data and the tuner options -> reference init (seeded) -> deterministic
-train/validation split -> features from the cache (each image through the backbone once, ever)
-or, with augmentation, recomputed per epoch for the training images -> :func:`loop.fit` ->
-a module whose config carries the training summary, ready for ``artifact_io.save_task``.
+train/validation split -> features into the on-disk cache (each image through the backbone
+once, ever; a killed run resumes) -> :func:`loop.fit` reading them back a batch at a time (or,
+with augmentation, computing the training images' features per batch every epoch) -> a module
+whose config carries the training summary, ready for ``artifact_io.save_task``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -15,16 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from restuning.features import Features
 from restuning.heads import loss_fn
-from restuning.train.augment import AugmentedFeatures, AugmentOptions
+from restuning.train.augment import AugmentedRows, AugmentOptions
 from restuning.train.data import DataError, LabeledImages, split_indices
-from restuning.train.feature_cache import DEFAULT_BATCH_SIZE, FeatureBackbone, FeatureCache
-from restuning.train.loop import EpochFeatures, FitResult, Objective, TrainOptions, fit
+from restuning.train.feature_cache import (
+    DEFAULT_BATCH_SIZE,
+    FeatureBackbone,
+    FeatureCache,
+    StoreDtype,
+)
+from restuning.train.loop import FeatureRows, FitResult, Objective, TrainOptions, fit
 from restuning.train.metrics import PRIMARY_METRIC, evaluate
 from restuning.train.progress import Progress, Reporter
 from restuning.tuners import TaskModule, build_task, init_task
@@ -124,16 +131,19 @@ def train_task(
     augment: AugmentOptions | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     batch_size_features: int = DEFAULT_BATCH_SIZE,
+    cache_dtype: StoreDtype = "float16",
+    cache_max_bytes: int | None = None,
     progress: Progress = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedTask:
     """Train a tuner called ``name`` for ``data`` on ``backbone``.
 
-    ``cache_dir`` keeps features on disk between runs (None: in memory for this call);
-    ``cache`` reuses a :class:`FeatureCache` whose spec covers the task's (several tasks on
-    the same images). ``augment`` recomputes training features per epoch. Raises
-    :class:`DataError` for unusable data and ``TrainingCancelledError`` when ``should_stop``
-    turns true.
+    ``cache_dir`` keeps features on disk between runs (None: a temporary directory for this
+    call); ``cache`` reuses a :class:`FeatureCache` whose spec covers the task's (several tasks
+    on the same images). ``cache_dtype`` is how features are stored; ``cache_max_bytes``
+    bounds the cache directory. ``augment`` recomputes training features per epoch. Raises
+    :class:`DataError` for unusable data, ``CacheSpaceError`` when the features would not fit
+    and ``TrainingCancelledError`` when ``should_stop`` turns true.
     """
     task = task or TaskOptions()
     options = options or TrainOptions()
@@ -149,85 +159,83 @@ def train_task(
         raise DataError(f"{data.source}: no training images left after the split")
 
     feature_started = time.perf_counter()
-    if cache is None:
-        cache = FeatureCache(cache_dir, backbone, spec, batch_size=batch_size_features)
-    cache.reporter = reporter
-    forwards_before = cache.forwards
-    # Augmented runs still need the cached features of the validation images only.
-    wanted = val_idx if augment is not None else range(len(data))
-    cached = (
-        Features(cache.spec, cache.features([data.images[i] for i in wanted])).select(spec).data
-        if len(wanted)
-        else None
-    )  # (L', n', N', D)
-    feature_seconds = time.perf_counter() - feature_started
-    augmented: AugmentedFeatures | None = None
-    if augment is not None:
-        augmented = AugmentedFeatures(
-            backbone,
-            [data.images[i] for i in train_idx],
-            spec,
-            seed=options.seed,
-            options=augment,
-            batch_size=batch_size_features,
-            reporter=reporter,
+    with contextlib.ExitStack() as owned:
+        if cache is None:
+            cache = FeatureCache(
+                cache_dir,
+                backbone,
+                spec,
+                batch_size=batch_size_features,
+                store_dtype=cache_dtype,
+                max_bytes=cache_max_bytes,
+            )
+            owned.callback(cache.close)  # a temporary directory when cache_dir is None
+        cache.reporter = reporter
+        forwards_before = cache.forwards
+        # Augmented runs still need the cached features of the validation images only.
+        wanted = val_idx if augment is not None else np.arange(len(data))
+        if len(wanted):
+            cache.ensure([data.images[i] for i in wanted])
+        val_rows = cache.rows([data.images[i] for i in val_idx], spec) if len(val_idx) else None
+        feature_seconds = time.perf_counter() - feature_started
+        augmented: AugmentedRows | None = None
+        train_rows: FeatureRows
+        if augment is not None:
+            augmented = AugmentedRows(
+                backbone,
+                [data.images[i] for i in train_idx],
+                spec,
+                seed=options.seed,
+                options=augment,
+                batch_size=batch_size_features,
+                row_shape=val_rows.row_shape if val_rows is not None else None,
+            )
+            train_rows = augmented
+        else:
+            train_rows = cache.rows([data.images[i] for i in train_idx], spec)
+
+        train_targets = data.targets[torch.from_numpy(train_idx)]
+        val_targets = data.targets[torch.from_numpy(val_idx)] if len(val_idx) else None
+        objective, finish = _objective(config, data, train_targets, options.seed)
+        result = fit(
+            module,
+            train_rows,
+            train_targets,
+            val_rows,
+            val_targets,
+            objective,
+            options,
+            reporter,
         )
-        train_features: EpochFeatures = augmented
-        val_features = cached
-    else:
-        assert cached is not None
-        train_features = _constant(cached[:, torch.from_numpy(train_idx)])
-        val_features = cached[:, torch.from_numpy(val_idx)] if len(val_idx) else None
+        finish(module)
 
-    train_targets = data.targets[torch.from_numpy(train_idx)]
-    val_targets = data.targets[torch.from_numpy(val_idx)] if len(val_idx) else None
-    objective, finish = _objective(config, data, train_targets, options.seed)
-    result = fit(
-        module,
-        train_features,
-        train_targets,
-        val_features,
-        val_targets,
-        objective,
-        options,
-        reporter,
-    )
-    finish(module)
-
-    extra = {k: v for k, v in result.val.items() if k != objective.primary}
-    extra.update(
-        params=float(parameter_count(config)),
-        train_loss=result.train_loss,
-        best_epoch=float(result.best_epoch),
-        train_seconds=round(result.seconds, 3),
-        feature_seconds=round(feature_seconds, 3),
-        backbone_forwards=float(cache.forwards - forwards_before),
-    )
-    if augmented is not None:
-        extra["backbone_forwards"] += augmented.forwards
-        extra["augmented"] = 1.0
-    summary = TrainingSummary(
-        data=data.source,
-        epochs=result.epochs_run,
-        train_size=len(train_idx),
-        val_size=len(val_idx),
-        val_metric=objective.primary if result.val else "",
-        val_score=result.val.get(objective.primary),
-        seed=options.seed,
-        extra=extra,
-    )
-    reporter.message(_describe(name, summary))
-    trained = build_task(config.model_copy(update={"training": summary}), module.state_dict(), norm)
-    return TrainedTask(trained.eval(), summary)
-
-
-def _constant(data: Tensor) -> EpochFeatures:
-    """The same training features (L', n, N', D) every epoch."""
-
-    def features(_epoch: int) -> Tensor:
-        return data
-
-    return features
+        extra = {k: v for k, v in result.val.items() if k != objective.primary}
+        extra.update(
+            params=float(parameter_count(config)),
+            train_loss=result.train_loss,
+            best_epoch=float(result.best_epoch),
+            train_seconds=round(result.seconds, 3),
+            feature_seconds=round(feature_seconds, 3),
+            backbone_forwards=float(cache.forwards - forwards_before),
+        )
+        if augmented is not None:
+            extra["backbone_forwards"] += augmented.forwards
+            extra["augmented"] = 1.0
+        summary = TrainingSummary(
+            data=data.source,
+            epochs=result.epochs_run,
+            train_size=len(train_idx),
+            val_size=len(val_idx),
+            val_metric=objective.primary if result.val else "",
+            val_score=result.val.get(objective.primary),
+            seed=options.seed,
+            extra=extra,
+        )
+        reporter.message(_describe(name, summary))
+        trained = build_task(
+            config.model_copy(update={"training": summary}), module.state_dict(), norm
+        )
+        return TrainedTask(trained.eval(), summary)
 
 
 def _objective(

@@ -2,9 +2,11 @@
 
 The cache holds features of the unaugmented image; augmentation changes the pixels, so with it
 the training images go through the backbone once per epoch (the validation images still come
-from the cache). Each image gets a random resized crop (area and aspect ratio drawn as in
-Inception-style training) and a horizontal flip with probability 1/2, then the backbone's own
-preprocessing resizes it to the input size. Draws are seeded per (seed, epoch).
+from the cache), batch by batch as the loop asks for them: nothing of an epoch's features is
+kept beyond its batch. Each image gets a random resized crop (area and aspect ratio drawn as
+in Inception-style training) and a horizontal flip with probability 1/2, then the backbone's
+own preprocessing resizes it to the input size. Draws are seeded per (seed, epoch, image), so
+they do not depend on which batch an image lands in.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from restuning.features import FeatureSpec
 from restuning.preprocess import preprocess
 from restuning.train.data import ImageRef
 from restuning.train.feature_cache import DEFAULT_BATCH_SIZE, FeatureBackbone
-from restuning.train.progress import Reporter
 
 CROP_ATTEMPTS = 10
 """Draws of (area, ratio) before falling back to the largest centred crop."""
@@ -80,8 +81,9 @@ def augment_image(
     return out
 
 
-class AugmentedFeatures:
-    """``epoch -> (L', n, N', D)`` features of freshly augmented training images."""
+class AugmentedRows:
+    """The loop's ``FeatureRows`` over freshly augmented training images: ``read(index,
+    epoch)`` augments and runs the backbone on those images only."""
 
     def __init__(
         self,
@@ -92,34 +94,56 @@ class AugmentedFeatures:
         seed: int,
         options: AugmentOptions | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        reporter: Reporter | None = None,
+        row_shape: tuple[int, int, int] | None = None,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         self.backbone = backbone
         self.images = list(images)
         self.spec = spec
+        self._row_shape = row_shape
+        """(L', N', D) when the caller knows it (the cached validation rows have it)."""
         self.seed = seed
         self.options = options or AugmentOptions()
         self.batch_size = batch_size
-        self.reporter = reporter or Reporter(False)
         # Preprocessing resizes the crop's shorter side straight to the input size (no centre
         # crop margin): the random crop already chose what the backbone sees.
         self._data_config = dataclasses.replace(backbone.data_config, crop_pct=1.0)
         self.forwards = 0
 
-    def __call__(self, epoch: int) -> Tensor:  # (L', n, N', D)
-        rng = np.random.default_rng([self.seed, epoch])
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        """(L', N', D), from the first batch read (or one image's forward before any)."""
+        if self._row_shape is None:
+            self.read(torch.zeros(1, dtype=torch.long))
+        assert self._row_shape is not None
+        return self._row_shape
+
+    def read(self, index: Tensor, epoch: int = 0) -> Tensor:  # (L', b, N', D) float32
+        """Augmented features of the images at ``index``, in backbone batches of at most
+        ``batch_size``."""
+        positions = [int(i) for i in index]
         parts: list[Tensor] = []
-        with self.reporter.bar(len(self.images), f"augment epoch {epoch + 1}", "img") as bar:
-            for start in range(0, len(self.images), self.batch_size):
-                chunk = self.images[start : start + self.batch_size]
-                pixels = torch.stack(
-                    [
-                        preprocess(augment_image(ref.open(), self.options, rng), self._data_config)
-                        for ref in chunk
-                    ]
-                )  # (b, 3, H, W)
-                feats = self.backbone.forward_features(pixels, self.spec)
-                parts.append(feats.data.to(device="cpu", dtype=torch.float32))
-                self.forwards += 1
-                bar.update(len(chunk))
-        return torch.cat(parts, dim=1)
+        for start in range(0, len(positions), self.batch_size):
+            chunk = positions[start : start + self.batch_size]
+            pixels = torch.stack(
+                [
+                    preprocess(
+                        augment_image(
+                            self.images[i].open(),
+                            self.options,
+                            np.random.default_rng([self.seed, epoch, i]),
+                        ),
+                        self._data_config,
+                    )
+                    for i in chunk
+                ]
+            )  # (b, 3, H, W)
+            feats = self.backbone.forward_features(pixels, self.spec)
+            parts.append(feats.data.to(device="cpu", dtype=torch.float32))  # (L', b, N', D)
+            self.forwards += 1
+        self._row_shape = (parts[0].shape[0], parts[0].shape[2], parts[0].shape[3])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

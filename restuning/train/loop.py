@@ -4,6 +4,10 @@ AdamW, a linear warm-up then a cosine decay per step, mini-batches shuffled by a
 generator (same seed, same data -> same weights). After each epoch the validation metric is
 computed; the best epoch's weights are kept, and with ``patience`` training stops once the
 metric has not improved for that many epochs.
+
+Features come from a :class:`FeatureRows` source one batch at a time (the on-disk cache, or
+augmented features computed for the batch), so the loop's memory is bounded by a batch: an
+all-token ViT-S/14 feature row is 5 MB in float32, and a dataset of them does not fit.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -21,9 +26,6 @@ from restuning.features import Features, FeatureSpec
 from restuning.train.progress import Reporter
 from restuning.tuners import TaskModule
 
-EpochFeatures = Callable[[int], Tensor]
-"""``epoch (0-based) -> (L', n, N', D)`` training features; constant unless augmenting."""
-
 SMALL_STEP_ELEMENTS = 1 << 20
 """Steps whose feature batch per layer (B x N' x D) is below this run on one intra-op thread.
 
@@ -31,6 +33,42 @@ Such steps (every CLS-pooled task: 64 x 1 x 384) are microseconds of work per op
 second OpenMP thread for each op cost more than it saved, and on a loaded 2-core machine
 made a training run 12x slower (the training test module: 215 s -> 18 s).
 """
+FORWARD_FEATURE_BYTES = 64 * 1024 * 1024
+"""Float32 feature bytes per forward (and backward): a training step whose batch holds more
+runs as micro-batches whose gradients add up to the batch's, and validation forwards are cut
+to fit. An all-token ViT-S/14 row is 5.1 MB: 13 rows per forward instead of 64 (training) or
+512 (validation); a step of 64 such rows held 1.9 GB at its peak. CLS rows (20 KB) are never
+split."""
+
+
+class FeatureRows(Protocol):
+    """Features of a fixed list of images, read a batch at a time."""
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        """(L', N', D) of one image."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: Tensor, epoch: int = 0) -> Tensor:
+        """(L', b, N', D) float32 features of the images at ``index`` (b,) for ``epoch``."""
+        ...
+
+
+class TensorRows:
+    """:class:`FeatureRows` over features already in memory (L', n, N', D)."""
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data  # (L', n, N', D)
+        self.row_shape: tuple[int, int, int] = (data.shape[0], data.shape[2], data.shape[3])
+
+    def __len__(self) -> int:
+        return int(self.data.shape[1])
+
+    def read(self, index: Tensor, epoch: int = 0) -> Tensor:  # (L', b, N', D)
+        del epoch
+        return self.data[:, index]
 
 
 @dataclass(frozen=True)
@@ -100,15 +138,30 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def rows_per_forward(row_shape: tuple[int, int, int], batch_size: int) -> int:
+    """Rows per forward: ``batch_size``, fewer when their float32 features would pass
+    :data:`FORWARD_FEATURE_BYTES`."""
+    row_bytes = 4 * row_shape[0] * row_shape[1] * row_shape[2]
+    return max(1, min(batch_size, FORWARD_FEATURE_BYTES // max(1, row_bytes)))
+
+
 @torch.no_grad()
-def predict(module: TaskModule, spec: FeatureSpec, data: Tensor, batch_size: int) -> Tensor:
-    """Raw outputs (n, C) of ``module`` for features ``data`` (L', n, N', D)."""
+def predict(
+    module: TaskModule, spec: FeatureSpec, rows: FeatureRows | Tensor, batch_size: int
+) -> Tensor:
+    """Raw outputs (n, C) of ``module`` for every image of ``rows`` (or of features already in
+    memory, (L', n, N', D)), a bounded batch at a time."""
+    if isinstance(rows, Tensor):
+        rows = TensorRows(rows)
     was_training = module.training
     module.eval()
-    outputs = [
-        module(Features(spec, data[:, start : start + batch_size]))
-        for start in range(0, data.shape[1], batch_size)
-    ]
+    step = rows_per_forward(rows.row_shape, batch_size)
+    outputs = []
+    for start in range(0, len(rows), step):
+        index = torch.arange(start, min(start + step, len(rows)))
+        data = rows.read(index)  # (L', b, N', D)
+        with step_threads(len(index) * data.shape[2] * data.shape[3]):
+            outputs.append(module(Features(spec, data)))
     module.train(was_training)
     return torch.cat(outputs)
 
@@ -133,7 +186,8 @@ def step_threads(elements_per_layer: int) -> Iterator[None]:
 
 def _epoch(
     module: TaskModule,
-    data: Tensor,  # (L', n, N', D)
+    rows: FeatureRows,
+    epoch: int,
     targets: Tensor,
     objective: Objective,
     optimizer: torch.optim.Optimizer,
@@ -142,27 +196,41 @@ def _epoch(
     batch_size: int,
     reporter: Reporter,
 ) -> float:
-    """One pass over ``data`` in mini-batches; returns the mean training loss."""
+    """One pass over ``rows`` in mini-batches read one at a time; returns the mean loss.
+
+    A mini-batch larger than one forward's byte budget runs as micro-batches: each one's
+    loss is weighted by its share of the mini-batch, so the summed gradients are those of the
+    mini-batch's mean loss (every objective here is a mean over rows).
+    """
     spec = module.feature_spec
+    micro = rows_per_forward(rows.row_shape, batch_size)
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         reporter.check()
         idx = order[start : start + batch_size]
-        outputs = module(Features(spec, data[:, idx]))  # (B, C)
-        loss = objective.loss(outputs, targets[idx])
         optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        optimizer.step()
+        for part in (idx[i : i + micro] for i in range(0, len(idx), micro)):
+            # Read (or augment and compute) outside step_threads: a backbone forward wants
+            # every thread even when the bypass step on its output is small.
+            data = rows.read(part, epoch)  # (L', b, N', D)
+            with step_threads(len(part) * data.shape[2] * data.shape[3]):
+                outputs = module(Features(spec, data))  # (b, C)
+                loss = objective.loss(outputs, targets[part])
+                weighted = loss if len(part) == len(idx) else loss * (len(part) / len(idx))
+                torch.autograd.backward(weighted)
+            loss_sum += float(loss.detach()) * len(part)
+            del data, outputs, loss, weighted
+        with step_threads(len(idx) * rows.row_shape[1] * rows.row_shape[2]):
+            optimizer.step()
         schedule.step()
-        loss_sum += float(loss.detach()) * len(idx)
     return loss_sum / len(order)
 
 
 def fit(
     module: TaskModule,
-    train_features: EpochFeatures,
+    train_rows: FeatureRows,
     train_targets: Tensor,
-    val_features: Tensor | None,
+    val_rows: FeatureRows | None,
     val_targets: Tensor | None,
     objective: Objective,
     options: TrainOptions,
@@ -175,7 +243,8 @@ def fit(
     n = int(train_targets.shape[0])
     if n == 0:
         raise ValueError("no training images")
-    has_val = val_features is not None and val_targets is not None and len(val_targets) > 0
+    if len(train_rows) != n:
+        raise ValueError(f"{len(train_rows)} feature rows for {n} training targets")
     steps_per_epoch = math.ceil(n / options.batch_size)
     total = steps_per_epoch * options.epochs
     warmup = int(total * options.warmup_fraction)
@@ -195,26 +264,25 @@ def fit(
     module.train()
     with reporter.bar(options.epochs, f"train {module.config.name}", unit="epoch") as bar:
         for epoch in range(1, options.epochs + 1):
-            data = train_features(epoch - 1)  # (L', n, N', D)
-            with step_threads(min(n, options.batch_size) * data.shape[2] * data.shape[3]):
-                epoch_loss = _epoch(
-                    module,
-                    data,
-                    train_targets,
-                    objective,
-                    optimizer,
-                    schedule,
-                    torch.randperm(n, generator=shuffle),
-                    options.batch_size,
-                    reporter,
+            epoch_loss = _epoch(
+                module,
+                train_rows,
+                epoch - 1,
+                train_targets,
+                objective,
+                optimizer,
+                schedule,
+                torch.randperm(n, generator=shuffle),
+                options.batch_size,
+                reporter,
+            )
+            val = (
+                objective.metrics(
+                    predict(module, spec, val_rows, options.eval_batch_size), val_targets
                 )
-                val = (
-                    objective.metrics(
-                        predict(module, spec, val_features, options.eval_batch_size), val_targets
-                    )
-                    if val_features is not None and val_targets is not None and has_val
-                    else None
-                )
+                if val_rows is not None and val_targets is not None and len(val_targets) > 0
+                else None
+            )
             if val is None:
                 best_epoch = epoch
                 bar.set_postfix(loss=f"{epoch_loss:.4f}")

@@ -137,16 +137,17 @@ def test_cached_features_equal_fresh_ones_and_keys_separate(
     assert counting.calls == math.ceil(len(data) / 7) + 1
 
 
-def test_cache_dir_holds_safetensors_shards_only(
+def test_cache_dir_holds_safetensors_chunks_a_manifest_and_meta_only(
     digit_folder: Path, tiny_backbone: TorchBackbone, tmp_path: Path
 ) -> None:
     data = load_data(digit_folder)
     FeatureCache(tmp_path, tiny_backbone, FeatureSpec((0, 1), "cls")).features(data.images)
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert "meta.json" in files
-    shards = [f for f in files if f != "meta.json"]
-    assert shards
-    assert all(f.startswith("shard-") and f.endswith(".safetensors") for f in shards)
+    assert "manifest.jsonl" in files
+    chunks = [f for f in files if f not in ("meta.json", "manifest.jsonl")]
+    assert chunks
+    assert all(f.startswith("chunk-") and f.endswith(".safetensors") for f in chunks)
 
 
 def test_csv_multilabel(tiny_backbone: TorchBackbone, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_train_writes_a_loadable_artifact(
     assert config.training.data == f"folder:{digit_folder}"
     assert (config.training.train_size, config.training.val_size) == (16, 4)
     assert config.training.val_metric == "accuracy"
-    assert any((tmp_path / "cache").rglob("shard-*.safetensors"))
+    assert any((tmp_path / "cache").rglob("chunk-*.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -71,6 +72,7 @@ def test_train_writes_a_loadable_artifact(
         (("--layers", "2-x"), "--layers must be FIRST-LAST"),
         (("--layers", "1-9"), "exceed backbone depth"),
         (("--data", "nowhere"), "expected a directory"),
+        (("--cache-max-bytes", "1K"), "over its limit of 1.0 KB"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -90,6 +92,18 @@ def test_usage_errors_exit_2(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cache_sizes_parse_with_units() -> None:
+    from restuning.cli import _parse_bytes
+
+    assert _parse_bytes("20G") == 20 * 10**9
+    assert _parse_bytes("500mb") == 500 * 10**6
+    assert _parse_bytes("1.5K") == 1500
+    assert _parse_bytes("4096") == 4096
+    for bad in ("lots", "-1G", "inf", "nan", "1e30T"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _parse_bytes(bad)
 
 
 def test_push_registers_on_a_live_server(

@@ -81,7 +81,7 @@ def test_bootstrap_registers_demo_tuners_once(tmp_path: Path) -> None:
     for result in body["results"]:
         assert set(result["tasks"]) == set(names)
         assert all("error" not in answer for answer in result["tasks"].values())
-    assert any((tmp_path / "home" / "features").rglob("shard-*.safetensors"))
+    assert any((tmp_path / "home" / "features").rglob("chunk-*.safetensors"))
 
 
 def test_bootstrap_does_nothing_when_off_or_store_not_empty(tmp_path: Path) -> None:
