@@ -8,6 +8,7 @@ happen inside handlers so that ``restune --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +30,9 @@ VERIFY_TOLERANCE = 1e-3
 DEFAULT_TOP_LAYERS = 6
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EPOCHS = 30
+PREPROCESS_CHOICES = ("exact", "fast")
+"""``restune train --preprocess``: restuning.preprocess's modes (named here so that parsing the
+command line imports no torch)."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -194,6 +198,13 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         default="float16",
         help="how cached features are stored (float16: half the disk, same results within noise)",
     )
+    parser.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_CHOICES,
+        default=os.environ.get("RESTUNE_PREPROCESS", "fast"),
+        help="how images become the backbone's input; use what the server uses "
+        "(default $RESTUNE_PREPROCESS, else fast, as `restune serve`)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--push", metavar="URL", default=None, help="register it on this server")
@@ -299,6 +310,7 @@ def train_command(args: argparse.Namespace) -> int:
                 val_fraction=args.val_fraction,
                 cache_dtype=args.cache_dtype,
                 cache_max_bytes=args.cache_max_bytes,
+                preprocess=args.preprocess,
                 progress=not args.quiet,
             )
     except (DataError, BackboneLoadError, ValueError) as err:
@@ -359,6 +371,7 @@ def _search(
         cache_dir=cache_dir,
         augment=augment,
         val_fraction=args.val_fraction,
+        preprocess=args.preprocess,
         progress=not args.quiet,
         report=show,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from restuning.artifact_io import save_task
 from restuning.features import FeatureSpec
+from restuning.preprocess import PreprocessMode
 from restuning.train.api import TaskOptions, train_task
 from restuning.train.demo_data import load_demo
 from restuning.train.feature_cache import FeatureBackbone, FeatureCache
@@ -93,6 +94,7 @@ def train_demo_artifacts(
     tasks: Sequence[DemoTask] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_trained: Callable[[str, bytes], None] | None = None,
+    preprocess: PreprocessMode = "exact",
 ) -> list[tuple[str, bytes]]:
     """Train every demo task on ``backbone``; returns ``(name, artifact bytes)`` pairs.
 
@@ -100,9 +102,10 @@ def train_demo_artifacts(
     cached under ``cache_dir`` (None: in memory, for this call only). ``on_trained`` gets each
     artifact as soon as its task is trained, before the next one starts (the server registers
     it there, so the first demo task answers minutes before the last is trained).
+    ``preprocess``: the server's mode, so the demo tuners learn from the pixels they serve.
     """
     reporter = Reporter(progress, should_stop)
-    cache = FeatureCache(cache_dir, backbone, demo_spec(backbone))
+    cache = FeatureCache(cache_dir, backbone, demo_spec(backbone), preprocess=preprocess)
     artifacts: list[tuple[str, bytes]] = []
     for task in tasks if tasks is not None else demo_tasks():
         reporter.check()

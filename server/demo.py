@@ -132,6 +132,7 @@ async def bootstrap_demo(
             epochs=epochs,
             should_stop=should_stop,
             on_trained=on_trained,
+            preprocess=settings.preprocess,
         )
     except TrainingCancelledError:
         status.state = "cancelled"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from restuning.heads import loss_fn
+from restuning.preprocess import PreprocessMode
 from restuning.train.augment import AugmentedRows, AugmentOptions
 from restuning.train.data import DataError, LabeledImages, split_indices
 from restuning.train.feature_cache import (
@@ -133,6 +134,7 @@ def train_task(
     batch_size_features: int = DEFAULT_BATCH_SIZE,
     cache_dtype: StoreDtype = "float16",
     cache_max_bytes: int | None = None,
+    preprocess: PreprocessMode = "exact",
     progress: Progress = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedTask:
@@ -141,9 +143,11 @@ def train_task(
     ``cache_dir`` keeps features on disk between runs (None: a temporary directory for this
     call); ``cache`` reuses a :class:`FeatureCache` whose spec covers the task's (several tasks
     on the same images). ``cache_dtype`` is how features are stored; ``cache_max_bytes``
-    bounds the cache directory. ``augment`` recomputes training features per epoch. Raises
-    :class:`DataError` for unusable data, ``CacheSpaceError`` when the features would not fit
-    and ``TrainingCancelledError`` when ``should_stop`` turns true.
+    bounds the cache directory; ``preprocess`` is the mode the server will prepare uploads in
+    (``RESTUNE_PREPROCESS``), so the tuner learns from the pixels it will be served.
+    ``augment`` recomputes training features per epoch. Raises :class:`DataError` for
+    unusable data, ``CacheSpaceError`` when the features would not fit and
+    ``TrainingCancelledError`` when ``should_stop`` turns true.
     """
     task = task or TaskOptions()
     options = options or TrainOptions()
@@ -168,6 +172,7 @@ def train_task(
                 batch_size=batch_size_features,
                 store_dtype=cache_dtype,
                 max_bytes=cache_max_bytes,
+                preprocess=preprocess,
             )
             owned.callback(cache.close)  # a temporary directory when cache_dir is None
         cache.reporter = reporter

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
+from restuning.preprocess import PreprocessMode, preprocess
+from restuning.presets import DataConfig
 from tuners_store.config import TaskKind
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -72,6 +75,18 @@ class ImageRef:
         digest = hashlib.sha256(f"pixels:{array.shape}".encode())
         digest.update(array.tobytes())
         return cls(digest.hexdigest(), pixels=array)
+
+    def prepare(self, data_config: DataConfig, mode: PreprocessMode = "exact") -> Tensor:
+        """The backbone's input (3, H, W) for this image, the way the server prepares an
+        upload in the same ``mode`` (a file is cropped before it is converted, and in
+        ``fast`` mode a JPEG decodes at a reduced scale), so training and serving see the same
+        pixels."""
+        if self.pixels is not None:
+            return preprocess(Image.fromarray(self.pixels).convert("RGB"), data_config, mode)
+        assert self.path is not None
+        with Image.open(self.path) as img:
+            img.seek(0)  # first frame of an animation / first page of a TIFF
+            return preprocess(img, data_config, mode)
 
     def open(self) -> Image.Image:
         """The decoded image in RGB."""

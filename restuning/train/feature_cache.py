@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from restuning.features import Features, FeatureSpec
-from restuning.preprocess import preprocess_batch
+from restuning.preprocess import PreprocessMode
 from restuning.presets import DataConfig
 from restuning.train.data import ImageRef
 from restuning.train.progress import Reporter
@@ -111,7 +111,10 @@ class FeatureBackbone(Protocol):
 
 
 def namespace_of(
-    backbone: FeatureBackbone, spec: FeatureSpec, store_dtype: StoreDtype = "float16"
+    backbone: FeatureBackbone,
+    spec: FeatureSpec,
+    store_dtype: StoreDtype = "float16",
+    preprocess: PreprocessMode = "exact",
 ) -> dict[str, object]:
     """Everything the cached numbers depend on besides the image itself."""
     return {
@@ -119,6 +122,7 @@ def namespace_of(
         "arch": backbone.arch,
         "fingerprint": backbone.fingerprint,
         "preprocess": dataclasses.asdict(backbone.data_config),
+        "preprocess_mode": preprocess,
         "layers": list(spec.layers),
         "tokens": spec.tokens,
         # Features computed in bf16 on a GPU differ from float32 ones.
@@ -128,10 +132,14 @@ def namespace_of(
 
 
 def compute_features(
-    backbone: FeatureBackbone, images: Sequence[ImageRef], spec: FeatureSpec
+    backbone: FeatureBackbone,
+    images: Sequence[ImageRef],
+    spec: FeatureSpec,
+    preprocess: PreprocessMode = "exact",
 ) -> Tensor:  # (L', B, N', D) float32 on the CPU
-    """One backbone forward over ``images`` with the backbone's own preprocessing."""
-    pixels = preprocess_batch([ref.open() for ref in images], backbone.data_config)
+    """One backbone forward over ``images`` with the backbone's own preprocessing, in the
+    server's ``preprocess`` mode."""
+    pixels = torch.stack([ref.prepare(backbone.data_config, preprocess) for ref in images])
     return backbone.forward_features(pixels, spec).data.to(device="cpu", dtype=torch.float32)
 
 
@@ -213,6 +221,7 @@ class FeatureCache:
         reporter: Reporter | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         chunk_images: int = CHUNK_IMAGES,
+        preprocess: PreprocessMode = "exact",
     ) -> None:
         if batch_size < 1 or chunk_bytes < 1 or chunk_images < 1:
             raise ValueError("batch_size, chunk_bytes and chunk_images must be at least 1")
@@ -233,7 +242,9 @@ class FeatureCache:
             self._tmp = tempfile.TemporaryDirectory(prefix="restune-features-")
             root = Path(self._tmp.name)
         self.root = root
-        namespace = namespace_of(backbone, spec, store_dtype)
+        self.preprocess = preprocess
+        """How images become the backbone's input: the serving setting (``RESTUNE_PREPROCESS``)."""
+        namespace = namespace_of(backbone, spec, store_dtype, preprocess)
         digest = hashlib.sha256(json.dumps(namespace, sort_keys=True).encode()).hexdigest()
         self.dir = root / digest[:32]
         self._namespace = namespace
@@ -361,7 +372,7 @@ class FeatureCache:
         with self.reporter.bar(len(refs), desc, unit="img") as bar:
             for start in range(0, len(refs), batch):
                 chunk = refs[start : start + batch]
-                data = compute_features(self.backbone, chunk, self.spec)  # (L', b, N', D)
+                data = compute_features(self.backbone, chunk, self.spec, self.preprocess)
                 self.forwards += 1
                 self.computed += len(chunk)
                 stored = self._to_store(data)  # (b, L', N', D)

@@ -22,6 +22,7 @@ import torch
 
 from restuning.fanout import StackedGroup
 from restuning.features import FeatureSpec, TokenSelection
+from restuning.preprocess import PreprocessMode
 from restuning.train.api import DEFAULT_VAL_FRACTION, TaskOptions, TrainedTask, train_task
 from restuning.train.augment import AugmentOptions
 from restuning.train.data import LabeledImages
@@ -89,6 +90,7 @@ def search(
     cache_dir: Path | None = None,
     augment: AugmentOptions | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    preprocess: PreprocessMode = "exact",
     progress: Progress = True,
     measure_cost: bool = True,
     report: Callable[[SearchRow], None] | None = None,
@@ -106,7 +108,8 @@ def search(
         tokens: TokenSelection = "cls" if candidate.pooling == "cls" else "all"
         cache = caches.get(tokens)
         if cache is None:
-            cache = FeatureCache(cache_dir, backbone, FeatureSpec(all_layers, tokens))
+            spec = FeatureSpec(all_layers, tokens)
+            cache = FeatureCache(cache_dir, backbone, spec, preprocess=preprocess)
             caches[tokens] = cache
         started = time.perf_counter()
         trained = train_task(

@@ -8,12 +8,17 @@ import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 
-from restuning.preprocess import preprocess
+from restuning.preprocess import PreprocessMode, preprocess
+from restuning.presets import PRESETS
+from restuning.train.data import ImageRef
+from server.engine.decode import prepare_image
 from server.engine.service import InferenceService, TaskRef
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -107,3 +112,22 @@ def test_an_extreme_aspect_ratio_is_refused_before_any_decoding(
 
     asyncio.run(main())
     assert runtime.calls == []
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_training_prepares_an_image_file_exactly_as_the_server_does(
+    mode: PreprocessMode, fmt: str, tmp_path: Path
+) -> None:
+    """A tuner learns from the pixels it will be served: the trainer's input for an image file
+    is the server's input for the same bytes, in either mode (a 2 MP JPEG takes the reduced
+    DCT scale in ``fast``)."""
+    config = PRESETS["vit_small_patch14_dinov2"].data
+    photo = Image.fromarray(data.astronaut()).resize((1728, 1152))
+    path = tmp_path / f"photo.{fmt.lower()}"
+    photo.save(path, format=fmt, quality=90)
+    served = prepare_image(
+        path.read_bytes(), 0, config, max_bytes=1 << 26, max_pixels=1 << 24, mode=mode
+    )
+    trained = ImageRef.from_file(path).prepare(config, mode)
+    assert torch.equal(served, trained)
