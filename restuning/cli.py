@@ -30,6 +30,10 @@ VERIFY_TOLERANCE = 1e-3
 DEFAULT_TOP_LAYERS = 6
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EPOCHS = 30
+CHANCE_MARGIN = 0.02
+"""How far above the chance score a tuner must be to be pushed without --force."""
+SERVE_DEFAULT_BACKBONE = "vit_small_patch14_dinov2"
+"""``restune serve``'s default ``RESTUNE_BACKBONE`` (the embedded DINOv2 ViT-S/14)."""
 PREPROCESS_CHOICES = ("exact", "fast")
 """``restune train --preprocess``: restuning.preprocess's modes (named here so that parsing the
 command line imports no torch)."""
@@ -140,9 +144,17 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         choices=["classification", "multilabel", "regression", "embedding"],
         default="classification",
     )
-    parser.add_argument("--backbone", default=None, help="preset (default: the embedded one)")
+    # The same settings `restune serve` reads, so one environment trains what it serves.
     parser.add_argument(
-        "--weights", default=None, help="backbone weights file or random:SEED (needs --backbone)"
+        "--backbone",
+        default=os.environ.get("RESTUNE_BACKBONE") or None,
+        help="preset (default $RESTUNE_BACKBONE, else the embedded one)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=os.environ.get("RESTUNE_BACKBONE_WEIGHTS") or None,
+        help="backbone weights file or random:SEED (default $RESTUNE_BACKBONE_WEIGHTS; "
+        "needs --backbone unless the preset is the server's default)",
     )
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument(
@@ -208,6 +220,16 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--push", metavar="URL", default=None, help="register it on this server")
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="--push only when the validation score is above this (default: above chance, "
+        "the score of always giving the training set's most common answer)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="--push even below --min-score or at chance"
+    )
     parser.add_argument("--token", default=None, help="admin token (default $RESTUNE_ADMIN_TOKEN)")
     parser.set_defaults(func=train_command)
 
@@ -265,8 +287,10 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"--name must match {NAME_PATTERN}, got {args.name!r}", file=sys.stderr)
         return 2
     if args.weights and not args.backbone:
-        print("--weights needs --backbone (the preset the weights belong to)", file=sys.stderr)
-        return 2
+        if args.weights != os.environ.get("RESTUNE_BACKBONE_WEIGHTS"):
+            print("--weights needs --backbone (the preset the weights belong to)", file=sys.stderr)
+            return 2
+        args.backbone = SERVE_DEFAULT_BACKBONE  # as `restune serve` reads the same variable
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -329,6 +353,10 @@ def train_command(args: argparse.Namespace) -> int:
         f"backbone {backbone.arch} {backbone.fingerprint})"
     )
     if args.push:
+        refusal = _push_refusal(s.val_metric, s.val_score, s.extra.get("chance"), args)
+        if refusal:
+            print(f"restune train: not pushed: {refusal}", file=sys.stderr)
+            return 1
         from clients import Client
 
         token = args.token or os.environ.get("RESTUNE_ADMIN_TOKEN") or None
@@ -337,6 +365,25 @@ def train_command(args: argparse.Namespace) -> int:
         state = "registered" if result.created else "unchanged (identical bytes)"
         print(f"pushed {result.name} v{result.version} to {args.push}: {state}")
     return 0
+
+
+def _push_refusal(
+    metric: str, score: float | None, chance: float | None, args: argparse.Namespace
+) -> str | None:
+    """Why a trained tuner must not go live (``None``: it may). A tuner at chance level
+    answers as if it never saw the image; pushing makes it live for every client."""
+    if args.force:
+        return None
+    if score is None:
+        return "no validation score to check it against (use --force to push unchecked)"
+    if args.min_score is not None and score < args.min_score:
+        return f"validation {metric} {score:.4f} is below --min-score {args.min_score:g}"
+    if args.min_score is None and chance is not None and score <= chance + CHANCE_MARGIN:
+        return (
+            f"validation {metric} {score:.4f} is at chance level ({chance:.4f}: always "
+            "giving the most common answer); more or cleaner data, more epochs, or --force"
+        )
+    return None
 
 
 def _search(

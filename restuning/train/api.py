@@ -33,7 +33,7 @@ from restuning.train.feature_cache import (
     StoreDtype,
 )
 from restuning.train.loop import FeatureRows, FitResult, Objective, TrainOptions, fit
-from restuning.train.metrics import PRIMARY_METRIC, evaluate
+from restuning.train.metrics import PRIMARY_METRIC, chance_score, evaluate
 from restuning.train.progress import Progress, Reporter
 from restuning.tuners import TaskModule, build_task, init_task
 from tuners_store.config import (
@@ -226,6 +226,13 @@ def train_task(
         if augmented is not None:
             extra["backbone_forwards"] += augmented.forwards
             extra["augmented"] = 1.0
+        chance = (
+            chance_score(config.task, train_targets, val_targets)
+            if val_targets is not None
+            else None
+        )
+        if chance is not None:
+            extra["chance"] = round(chance, 6)
         summary = TrainingSummary(
             data=data.source,
             epochs=result.epochs_run,

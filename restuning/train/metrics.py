@@ -90,3 +90,26 @@ def recall_at_1(embeddings: Tensor, classes: Tensor) -> float:
     similarity.fill_diagonal_(-float("inf"))
     nearest = similarity.argmax(dim=-1)
     return float((classes[nearest] == classes).float().mean())
+
+
+def chance_score(task: TaskKind, train_targets: Tensor, val_targets: Tensor) -> float | None:
+    """The primary metric on the validation split of the best answer that ignores the image:
+    the training set's majority class (classification), its label frequencies (multilabel) or
+    its mean (regression). A tuner at or below it learned nothing usable; ``None`` for
+    embeddings, whose constant answer has no meaningful score.
+    """
+    n = int(val_targets.shape[0])
+    if n == 0:
+        return None
+    if task == "classification":
+        counts = torch.bincount(train_targets.long())
+        constant = torch.zeros(n, max(int(counts.numel()), int(val_targets.max()) + 1))
+        constant[:, int(counts.argmax())] = 1.0  # (n, C): always the majority class
+        return accuracy(constant, val_targets)
+    if task == "multilabel":
+        prevalence = train_targets.float().mean(dim=0)  # (C,)
+        return mean_average_precision(prevalence.expand(n, -1), val_targets)
+    if task == "regression":
+        mean = train_targets.float().mean(dim=0)  # (C,)
+        return r2_score(mean.expand(n, -1), val_targets)
+    return None

@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from clients.cli import main
 from restuning.artifact_io import load_task
 from restuning.backbone import TorchBackbone
+from restuning.cli import _push_refusal
+from restuning.train.metrics import chance_score, r2_score
 from tests.fixtures.live_server import REPO_ROOT, TEST_ADMIN_TOKEN, LiveServer
 from tests.fixtures.training_data import write_digit_folder
 
@@ -25,10 +28,10 @@ def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digit_folder(tmp_path_factory.mktemp("cli-digits"), (3, 8), per_class=10)
 
 
-def restune(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+def restune(*args: str, home: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """``restune ARGS`` as a child process (the console script's module), caches in ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESTUNE_")}
-    env.update(RESTUNE_HOME=str(home), OMP_NUM_THREADS="1")
+    env.update(RESTUNE_HOME=str(home), OMP_NUM_THREADS="1", **extra_env)
     return subprocess.run(
         [sys.executable, "-m", "clients.cli", *args],
         cwd=REPO_ROOT,
@@ -112,7 +115,7 @@ def test_push_registers_on_a_live_server(
     out = tmp_path / "pushed.safetensors"
     done = restune(
         "train", "--data", str(digit_folder), "--name", "pushed", "--out", str(out), *TINY,
-        "--epochs", "2", "--bottleneck", "4", "--quiet",
+        "--epochs", "2", "--bottleneck", "4", "--quiet", "--force",
         "--push", live_server.url, "--token", TEST_ADMIN_TOKEN, home=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -129,10 +132,65 @@ def test_push_with_a_wrong_token_fails_with_the_api_exit_code(
 ) -> None:
     done = restune(
         "train", "--data", str(digit_folder), "--name", "refused", "--out",
-        str(tmp_path / "r.safetensors"), *TINY, "--epochs", "1", "--quiet",
+        str(tmp_path / "r.safetensors"), *TINY, "--epochs", "1", "--quiet", "--force",
         "--push", live_server.url, "--token", "not-the-token", home=tmp_path,
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "forbidden" in done.stderr.lower()
     # The artifact is written before the push, so a refused push loses nothing.
     assert (tmp_path / "r.safetensors").is_file()
+
+
+def test_a_tuner_below_the_bar_is_not_pushed(
+    digit_folder: Path, live_server: LiveServer, tmp_path: Path
+) -> None:
+    """The quality gate: the artifact is written, the push refused with exit 1 and a reason,
+    and nothing reaches the server."""
+    out = tmp_path / "gated.safetensors"
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "gated", "--out", str(out), *TINY,
+        "--epochs", "1", "--quiet", "--min-score", "1.01",
+        "--push", live_server.url, "--token", TEST_ADMIN_TOKEN, home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not pushed" in done.stderr
+    assert "below --min-score 1.01" in done.stderr
+    assert out.is_file()
+    with live_server.client() as client:
+        assert client.get("/v1/tuners/gated").status_code == 404
+
+
+def test_push_refusal_at_chance_level() -> None:
+    args = argparse.Namespace(force=False, min_score=None)
+    assert _push_refusal("accuracy", 0.5, 0.5, args) is not None  # a 2-class coin flip
+    assert _push_refusal("accuracy", 0.51, 0.5, args) is not None  # within the margin
+    assert _push_refusal("accuracy", 0.9, 0.5, args) is None
+    assert _push_refusal("accuracy", None, None, args) is not None  # nothing to check
+    assert (
+        _push_refusal("accuracy", 0.5, 0.5, argparse.Namespace(force=True, min_score=None)) is None
+    )
+    assert _push_refusal("r2", 0.3, 0.0, argparse.Namespace(force=False, min_score=0.5)) is not None
+
+
+def test_chance_scores() -> None:
+    train = torch.tensor([0, 0, 0, 1])
+    val = torch.tensor([0, 1, 1, 1])
+    assert chance_score("classification", train, val) == pytest.approx(0.25)  # always class 0
+    reg_train, reg_val = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [4.0]])
+    assert chance_score("regression", reg_train, reg_val) == pytest.approx(
+        r2_score(torch.tensor([[2.0], [2.0]]), reg_val)
+    )
+    assert chance_score("embedding", train, val) is None
+
+
+def test_train_reads_the_servers_backbone_settings(digit_folder: Path, tmp_path: Path) -> None:
+    """The environment that serves a backbone trains for it: RESTUNE_BACKBONE(_WEIGHTS) are the
+    defaults of --backbone / --weights."""
+    out = tmp_path / "env.safetensors"
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "env", "--out", str(out),
+        "--epochs", "1", "--quiet", home=tmp_path,
+        RESTUNE_BACKBONE="vit_test_tiny", RESTUNE_BACKBONE_WEIGHTS="random:0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "backbone vit_test_tiny" in done.stdout
