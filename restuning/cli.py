@@ -219,6 +219,12 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out images that cannot be read (counted in the artifact's training "
+        "summary) instead of stopping before training with their names",
+    )
     parser.add_argument("--push", metavar="URL", default=None, help="register it on this server")
     parser.add_argument(
         "--min-score",
@@ -267,16 +273,8 @@ def _parse_layers(text: str | None, depth: int) -> tuple[int, int] | None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Handler of ``restune train``."""
-    import os
-
-    import torch
-
-    from restuning.artifact_io import save_task
-    from restuning.backbone import BackboneLoadError, load_backbone
-    from restuning.embedded import default_backbone, restune_home
-    from restuning.train import DataError, TaskOptions, TrainOptions, load_data, train_task
-    from restuning.train.augment import AugmentOptions
+    """Handler of ``restune train``. The arguments are checked before torch is imported
+    (seconds), so a mistyped command answers at once."""
     from tuners_store.config import NAME_PATTERN, NAME_RE
 
     out: Path = args.out
@@ -286,15 +284,32 @@ def train_command(args: argparse.Namespace) -> int:
     if not NAME_RE.match(args.name):
         print(f"--name must match {NAME_PATTERN}, got {args.name!r}", file=sys.stderr)
         return 2
+    if not str(args.data).startswith("demo:") and not Path(args.data).exists():
+        print(f"--data {args.data}: no such file or directory", file=sys.stderr)
+        return 2
+    try:
+        _parse_layers(args.layers, 1)  # a malformed --layers fails before any loading
+    except ValueError as err:
+        print(f"restune train: {err}", file=sys.stderr)
+        return 2
     if args.weights and not args.backbone:
         if args.weights != os.environ.get("RESTUNE_BACKBONE_WEIGHTS"):
             print("--weights needs --backbone (the preset the weights belong to)", file=sys.stderr)
             return 2
         args.backbone = SERVE_DEFAULT_BACKBONE  # as `restune serve` reads the same variable
+
+    import torch
+
+    from restuning.artifact_io import save_task
+    from restuning.backbone import BackboneLoadError, load_backbone
+    from restuning.embedded import default_backbone, restune_home
+    from restuning.train import DataError, TaskOptions, TrainOptions, load_data, train_task
+    from restuning.train.augment import AugmentOptions
+    from restuning.train.data import check_images
+
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        _parse_layers(args.layers, 1)  # a malformed --layers fails before any loading
         task = TaskOptions(
             tuner=args.tuner,
             bottleneck=args.bottleneck,
@@ -316,7 +331,10 @@ def train_command(args: argparse.Namespace) -> int:
             )
         backbone = load_backbone(arch, weights)
         task = replace(task, layers=_parse_layers(args.layers, backbone.depth))
-        data = load_data(args.data, args.task)
+        data, skipped = check_images(load_data(args.data, args.task), skip_bad=args.skip_bad_images)
+        if skipped:
+            print(f"restune train: left out {skipped} unreadable images", file=sys.stderr)
+        notes = {"skipped_images": float(skipped)} if skipped else None
         started = time.perf_counter()
         cache_dir = args.cache_dir or restune_home() / "features"
         augment = AugmentOptions() if args.augment else None
@@ -335,6 +353,7 @@ def train_command(args: argparse.Namespace) -> int:
                 cache_dtype=args.cache_dtype,
                 cache_max_bytes=args.cache_max_bytes,
                 preprocess=args.preprocess,
+                notes=notes,
                 progress=not args.quiet,
             )
     except (DataError, BackboneLoadError, ValueError) as err:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -135,6 +135,7 @@ def train_task(
     cache_dtype: StoreDtype = "float16",
     cache_max_bytes: int | None = None,
     preprocess: PreprocessMode = "exact",
+    notes: Mapping[str, float] | None = None,
     progress: Progress = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainedTask:
@@ -145,7 +146,8 @@ def train_task(
     on the same images). ``cache_dtype`` is how features are stored; ``cache_max_bytes``
     bounds the cache directory; ``preprocess`` is the mode the server will prepare uploads in
     (``RESTUNE_PREPROCESS``), so the tuner learns from the pixels it will be served.
-    ``augment`` recomputes training features per epoch. Raises :class:`DataError` for
+    ``notes`` go into the summary's ``extra`` (e.g. ``skipped_images``). ``augment``
+    recomputes training features per epoch. Raises :class:`DataError` for
     unusable data, ``CacheSpaceError`` when the features would not fit and
     ``TrainingCancelledError`` when ``should_stop`` turns true.
     """
@@ -233,6 +235,7 @@ def train_task(
         )
         if chance is not None:
             extra["chance"] = round(chance, 6)
+        extra.update(notes or {})
         summary = TrainingSummary(
             data=data.source,
             epochs=result.epochs_run,

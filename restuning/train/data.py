@@ -76,6 +76,20 @@ class ImageRef:
         digest.update(array.tobytes())
         return cls(digest.hexdigest(), pixels=array)
 
+    def problem(self) -> str | None:
+        """Why this image cannot be trained on, read from its header only (cheap: nothing is
+        decoded); ``None`` when it looks readable."""
+        if self.path is None:
+            return None
+        try:
+            with Image.open(self.path) as img:
+                width, height = img.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if width < 1 or height < 1:
+            return f"no pixels ({width}x{height})"
+        return None
+
     def prepare(self, data_config: DataConfig, mode: PreprocessMode = "exact") -> Tensor:
         """The backbone's input (3, H, W) for this image, the way the server prepares an
         upload in the same ``mode`` (a file is cropped before it is converted, and in
@@ -84,9 +98,13 @@ class ImageRef:
         if self.pixels is not None:
             return preprocess(Image.fromarray(self.pixels).convert("RGB"), data_config, mode)
         assert self.path is not None
-        with Image.open(self.path) as img:
-            img.seek(0)  # first frame of an animation / first page of a TIFF
-            return preprocess(img, data_config, mode)
+        try:
+            with Image.open(self.path) as img:
+                img.seek(0)  # first frame of an animation / first page of a TIFF
+                return preprocess(img, data_config, mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # A truncated file passes the header check and fails here: name it, no traceback.
+            raise DataError(f"cannot read image {self.path}: {exc}") from exc
 
     def open(self) -> Image.Image:
         """The decoded image in RGB."""
@@ -144,6 +162,34 @@ class LabeledImages:
             targets=self.targets[torch.tensor(idx, dtype=torch.long)],
             source=self.source,
         )
+
+
+MAX_NAMED_BAD_IMAGES = 10
+"""Unreadable images a refusal lists by name (the rest are counted)."""
+
+
+def check_images(data: LabeledImages, *, skip_bad: bool = False) -> tuple[LabeledImages, int]:
+    """Every image's header read before minutes of feature computation: unreadable ones are
+    named up front (``DataError``) or, with ``skip_bad``, left out; returns the data to train
+    on and how many were left out."""
+    bad = [(i, ref, why) for i, ref in enumerate(data.images) if (why := ref.problem())]
+    if not bad:
+        return data, 0
+    if not skip_bad:
+        named = "; ".join(f"{ref.path}: {why}" for _, ref, why in bad[:MAX_NAMED_BAD_IMAGES])
+        more = f" (and {len(bad) - MAX_NAMED_BAD_IMAGES} more)" if len(bad) > 10 else ""
+        raise DataError(
+            f"{len(bad)} of {len(data)} images cannot be read: {named}{more}. Remove them or "
+            "pass --skip-bad-images"
+        )
+    dropped = {i for i, _, _ in bad}
+    keep = [i for i in range(len(data)) if i not in dropped]
+    if not keep:
+        raise DataError(f"none of the {len(data)} images can be read")
+    kept = data.subset(keep)
+    if data.val_mask is not None:
+        kept = replace(kept, val_mask=tuple(data.val_mask[i] for i in keep))
+    return kept, len(dropped)
 
 
 def load_data(spec: str | Path, task: TaskKind = "classification") -> LabeledImages:

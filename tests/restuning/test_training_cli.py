@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from restuning.cli import _push_refusal
 from restuning.train.metrics import chance_score, r2_score
 from tests.fixtures.live_server import REPO_ROOT, TEST_ADMIN_TOKEN, LiveServer
 from tests.fixtures.training_data import write_digit_folder
+from tuners_store.artifact import read_header
 
 TINY = ("--backbone", "vit_test_tiny", "--weights", "random:0")
 
@@ -74,7 +76,7 @@ def test_train_writes_a_loadable_artifact(
         (("--name", "Bad Name"), "--name must match"),
         (("--layers", "2-x"), "--layers must be FIRST-LAST"),
         (("--layers", "1-9"), "exceed backbone depth"),
-        (("--data", "nowhere"), "expected a directory"),
+        (("--data", "nowhere"), "no such file or directory"),
         (("--cache-max-bytes", "1K"), "over its limit of 1.0 KB"),
     ],
 )
@@ -194,3 +196,48 @@ def test_train_reads_the_servers_backbone_settings(digit_folder: Path, tmp_path:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "backbone vit_test_tiny" in done.stdout
+
+
+def test_usage_errors_answer_before_torch_loads(tmp_path: Path) -> None:
+    """A mistyped command answers at once: torch is never imported for it."""
+    probe = (
+        "import sys; from clients.cli import main; "
+        f"code = main(['train', '--data', {str(tmp_path / 'missing')!r}, '--name', 'x', "
+        f"'--out', {str(tmp_path / 'x.safetensors')!r}]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
+    )
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "no such file or directory" in done.stderr
+
+
+@pytest.fixture
+def folder_with_a_broken_image(digit_folder: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "with-broken"
+    shutil.copytree(digit_folder, root)
+    (next(p for p in root.iterdir() if p.is_dir()) / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def test_unreadable_images_are_named_before_training(
+    folder_with_a_broken_image: Path, tmp_path: Path
+) -> None:
+    args = ("--name", "bad", "--out", str(tmp_path / "bad.safetensors"), *TINY, "--quiet")
+    stopped = restune(
+        "train", "--data", str(folder_with_a_broken_image), *args, "--epochs", "1", home=tmp_path
+    )
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert "1 of" in stopped.stderr
+    assert "broken.png" in stopped.stderr
+    assert "--skip-bad-images" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    skipped = restune(
+        "train", "--data", str(folder_with_a_broken_image), *args, "--epochs", "1",
+        "--skip-bad-images", home=tmp_path,
+    )  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr
+    assert "left out 1 unreadable images" in skipped.stderr
+    summary = read_header((tmp_path / "bad.safetensors").read_bytes()).config.training
+    assert summary.extra["skipped_images"] == 1.0
