@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -400,9 +401,7 @@ class RedisStore(TunerStore):
                 *(name, str(version), current, traffic or b"", str(new_current), doc),
                 *(self._k("blob", name, ""), infos[version].sha256, str(len(infos))),
             ]
-            reply = await self._call(
-                "delete_version", lambda args=args: self._delete_version(keys=keys, args=args)
-            )
+            reply = await self._call("delete_version", functools.partial(self._cas, keys, args))
             if reply[0] == 0:
                 raise TunerNotFound(name)
             if reply[0] == 1:
@@ -411,6 +410,9 @@ class RedisStore(TunerStore):
             f"version {version} of {name!r} kept changing during delete ({DELETE_VERSION_TRIES} "
             "tries); retry"
         )
+
+    async def _cas(self, keys: builtins.list[str], args: builtins.list[Any]) -> builtins.list[Any]:
+        return await self._delete_version(keys=keys, args=args)  # type: ignore[no-any-return]
 
     async def list(self) -> dict[str, VersionInfo]:
         raw = await self._call(
