@@ -120,8 +120,8 @@ def answer_keys(tasks: list[TaskRef]) -> list[str]:
 
 def layers(tuners: list[LoadedTuner]) -> list[tuple[LoadedTuner, ...]]:
     """``tuners`` split into the fewest groups of distinct names, in order: the engine keys an
-    image's answers by task name, so two versions of one name go in two batch items (the
-    second one's image features come from the feature cache)."""
+    image's answers by task name, so two versions of one name go in two batch items (of one
+    pixel digest, so the backbone still runs once for the image)."""
     out: list[list[LoadedTuner]] = []
     for tuner in tuners:
         for layer in out:

@@ -92,7 +92,11 @@ def test_two_versions_of_one_task_side_by_side(
             await svc.registry.register("pets", artifact("pets", seed=2))
             await svc.registry.register("ages", artifact("ages", task="regression"))
             images = tiny_images(3)
+            runtime.calls.clear()
             both = await svc.predict(images, refs("pets@1", "ages", "pets@2"), 2)
+            # Two batch items per image, one backbone forward per image: the second item's
+            # features are the first's (same pixels, same digest).
+            assert sum(shape[0] for _, shape in runtime.calls) == 3, runtime.calls
             one = await svc.predict(images, refs("pets@1"), 2)
             two = await svc.predict(images, refs("pets"), 2)
             return both, one, two
