@@ -675,7 +675,8 @@ class TunerRegistry:
         if not self.is_loaded(name, info.version):
             with contextlib.suppress(ApiError):  # a request gets the per-task error instead
                 await self._load(name, info.version)
-        self._swap(name, info)
+        if self._index.get(name) != info:
+            self._swap(name, info)
         await self._refresh_traffic(name)
         self._forget_version(name, version)
         retiring = self._retiring.get(doomed) if doomed is not None else None
