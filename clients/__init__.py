@@ -20,6 +20,7 @@ from clients.errors import (
     Unauthorized,
     UnknownTask,
     ValidationFailed,
+    VersionInUse,
     error_from_response,
 )
 from clients.sdk import AsyncClient, Client
@@ -31,7 +32,9 @@ from clients.types import (
     PushResult,
     TaskAnswer,
     TaskError,
+    Traffic,
     TunerInfo,
+    VersionDeleted,
 )
 
 __all__ = [
@@ -56,9 +59,12 @@ __all__ = [
     "StoreUnavailable",
     "TaskAnswer",
     "TaskError",
+    "Traffic",
     "TunerInfo",
     "Unauthorized",
     "UnknownTask",
     "ValidationFailed",
+    "VersionDeleted",
+    "VersionInUse",
     "error_from_response",
 ]

@@ -5,8 +5,10 @@ Own commands (HTTP only, through :mod:`clients.sdk`)::
     restune predict IMAGE... --tasks a,b [--url URL] [--top-k N] [--json]
     restune tuners list [--url URL] [--json]
     restune tuners show NAME [--url URL]
-    restune tuners push NAME FILE [--url URL] [--token TOKEN]
-    restune tuners rm NAME [--url URL] [--token TOKEN]
+    restune tuners push NAME FILE [--promote | --no-promote] [--url URL] [--token TOKEN]
+    restune tuners traffic NAME [VERSION=WEIGHT ...] [--url URL] [--token TOKEN] [--json]
+    restune tuners promote NAME VERSION [--url URL] [--token TOKEN]
+    restune tuners rm NAME [--version V [--force]] [--url URL] [--token TOKEN]
     restune health [--url URL]
 
 Every verb finds the server the same way: ``--url``, else ``$RESTUNE_URL``, else
@@ -45,7 +47,7 @@ from typing import Any
 
 from clients.errors import BadImage, ConnectionFailed, Forbidden, RestuneError, Unauthorized
 from clients.sdk import DEFAULT_URL, Client, task_list
-from clients.types import Prediction, TaskAnswer, TunerInfo
+from clients.types import Prediction, TaskAnswer, Traffic, TunerInfo
 
 EXIT_OK = 0
 EXIT_API_ERROR = 1
@@ -187,22 +189,73 @@ def cmd_tuners_show(args: argparse.Namespace) -> int:
 
 
 def cmd_tuners_push(args: argparse.Namespace) -> int:
-    """``restune tuners push NAME FILE``."""
+    """``restune tuners push NAME FILE [--promote | --no-promote]``."""
     path = Path(args.file)
     if not path.is_file():
         return _usage(f"no such file: {path}")
     with _client(args, args.url) as client:
-        result = client.push_tuner(args.name, path)
+        result = client.push_tuner(args.name, path, promote=args.promote)
     state = "registered" if result.created else "unchanged (identical bytes already registered)"
-    print(f"{result.name} v{result.version} sha256 {result.sha256[:12]}: {state}")
+    live = "current" if result.current else "not current: promote it or give it traffic"
+    print(f"{result.name} v{result.version} sha256 {result.sha256[:12]}: {state}, {live}")
+    return EXIT_OK
+
+
+def parse_weights(items: Sequence[str]) -> dict[int, int]:
+    """``["3=90", "4=10"]`` -> ``{3: 90, 4: 10}``; raises ValueError naming the bad item."""
+    weights: dict[int, int] = {}
+    for item in items:
+        version, sep, weight = item.partition("=")
+        if not sep or not version.strip().isdecimal() or not weight.strip().isdecimal():
+            raise ValueError(f"{item!r}: write VERSION=WEIGHT, e.g. 3=90")
+        if int(version) in weights:
+            raise ValueError(f"version {int(version)} is given twice")
+        weights[int(version)] = int(weight)
+    return weights
+
+
+def traffic_line(traffic: Traffic) -> str:
+    """``pets: current v4; v3 90%, v4 10%``."""
+    shares = ", ".join(
+        f"v{v} {100 * traffic.share(v):.4g}%" for v in sorted(traffic.weights) if traffic.weights[v]
+    )
+    return f"{traffic.name}: current v{traffic.current}; {shares}"
+
+
+def cmd_tuners_traffic(args: argparse.Namespace) -> int:
+    """``restune tuners traffic NAME [VERSION=WEIGHT ...]``: show, or set, the split."""
+    try:
+        weights = parse_weights(args.weights)
+    except ValueError as exc:
+        return _usage(str(exc))
+    with _client(args, args.url) as client:
+        traffic = client.set_traffic(args.name, weights) if weights else client.traffic(args.name)
+    if args.json:
+        _print_json(traffic.raw)
+    else:
+        print(traffic_line(traffic))
+    return EXIT_OK
+
+
+def cmd_tuners_promote(args: argparse.Namespace) -> int:
+    """``restune tuners promote NAME VERSION``: all traffic to VERSION, which becomes current."""
+    with _client(args, args.url) as client:
+        traffic = client.promote(args.name, args.version)
+    print(traffic_line(traffic))
     return EXIT_OK
 
 
 def cmd_tuners_rm(args: argparse.Namespace) -> int:
-    """``restune tuners rm NAME``."""
+    """``restune tuners rm NAME [--version V [--force]]``."""
+    if args.force and args.version is None:
+        return _usage("--force goes with --version (deleting a whole tuner needs no force)")
     with _client(args, args.url) as client:
-        client.delete_tuner(args.name)
-    print(f"deleted {args.name}")
+        if args.version is None:
+            client.delete_tuner(args.name)
+            print(f"deleted {args.name}")
+        else:
+            gone = client.delete_version(args.name, args.version, force=args.force)
+            print(f"deleted {gone.name} v{gone.version}; current is v{gone.current}")
     return EXIT_OK
 
 
@@ -298,11 +351,51 @@ def register_own(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     push = sub.add_parser("push", parents=[_common(False)], help="register an artifact file")
     push.add_argument("name")
     push.add_argument("file", help="a .safetensors tuner artifact")
+    promoting = push.add_mutually_exclusive_group()
+    promoting.add_argument(
+        "--promote",
+        dest="promote",
+        action="store_true",
+        default=None,
+        help="make it current and end any canary split",
+    )
+    promoting.add_argument(
+        "--no-promote",
+        dest="promote",
+        action="store_false",
+        help="store and load it only; it takes traffic once promoted or given weight",
+    )
     _url_option(push)
     _token_option(push)
     push.set_defaults(func=cmd_tuners_push, finds_server=True)
-    rm = sub.add_parser("rm", parents=[_common(False)], help="delete a tuner")
+    traffic = sub.add_parser(
+        "traffic",
+        parents=[_common()],
+        help="show or set the canary split",
+        description="Without weights, show how requests are split between versions; with "
+        "them (e.g. 3=90 4=10), set the split. All the weight on one version makes it current.",
+    )
+    traffic.add_argument("name")
+    traffic.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT")
+    _url_option(traffic)
+    _token_option(traffic)
+    traffic.set_defaults(func=cmd_tuners_traffic, finds_server=True)
+    promote = sub.add_parser(
+        "promote", parents=[_common(False)], help="give one version all the traffic"
+    )
+    promote.add_argument("name")
+    promote.add_argument("version", type=_positive)
+    _url_option(promote)
+    _token_option(promote)
+    promote.set_defaults(func=cmd_tuners_promote, finds_server=True)
+    rm = sub.add_parser("rm", parents=[_common(False)], help="delete a tuner or one version")
     rm.add_argument("name")
+    rm.add_argument("--version", type=_positive, help="delete only this version")
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="with --version: also if it is current or takes canary traffic",
+    )
     _url_option(rm)
     _token_option(rm)
     rm.set_defaults(func=cmd_tuners_rm, finds_server=True)

@@ -95,6 +95,13 @@ class ArtifactRejected(ValidationFailed):
     default_code = "artifact_invalid"
 
 
+class VersionInUse(ValidationFailed):
+    """A version that is current or takes canary traffic was deleted without ``force``, or
+    it is the tuner's only version (409)."""
+
+    default_code = "version_in_use"
+
+
 class Unauthorized(RestuneError):
     """No admin token was sent to an admin route (401)."""
 
@@ -160,6 +167,7 @@ _CLASS_BY_CODE: dict[str, type[RestuneError]] = {
     "unsupported_media_type": ValidationFailed,
     "backbone_mismatch": ArtifactRejected,
     "tuner_unloadable": ArtifactRejected,
+    "version_in_use": VersionInUse,
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "payload_too_large": PayloadTooLarge,

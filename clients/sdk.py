@@ -21,7 +21,7 @@ import httpx
 
 from clients.images import ImageInput, encode_image, image_name
 from clients.transport import AsyncTransport, Request, RetryPolicy, SyncTransport
-from clients.types import Health, Prediction, PushResult, TunerInfo
+from clients.types import Health, Prediction, PushResult, Traffic, TunerInfo, VersionDeleted
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -75,15 +75,38 @@ def read_artifact(artifact: str | os.PathLike[str] | bytes | bytearray) -> bytes
     return Path(artifact).read_bytes()
 
 
-def push_request(name: str, artifact: bytes) -> Request:
-    """``PUT /v1/tuners/{name}`` with the raw artifact; replay-safe thanks to content dedupe."""
+def push_request(name: str, artifact: bytes, promote: bool | None = None) -> Request:
+    """``PUT /v1/tuners/{name}`` with the raw artifact; replay-safe thanks to content dedupe.
+
+    ``promote``: True makes the version current and ends any canary split; False only stores
+    and loads it; None (the server's default) promotes unless a split is set.
+    """
+    params = {} if promote is None else {"promote": "true" if promote else "false"}
     return Request(
         "PUT",
         _tuner_path(name),
+        params=params,
         content=artifact,
         headers={"Content-Type": "application/octet-stream"},
         replay_safe=True,
     )
+
+
+def traffic_request(name: str) -> Request:
+    """``GET /v1/tuners/{name}/traffic``."""
+    return Request("GET", _tuner_path(name) + "/traffic", replay_safe=True)
+
+
+def set_traffic_request(name: str, weights: Mapping[int, int]) -> Request:
+    """``PUT /v1/tuners/{name}/traffic``: setting the same weights twice is harmless."""
+    body = {"traffic": {str(int(v)): int(w) for v, w in weights.items()}}
+    return Request("PUT", _tuner_path(name) + "/traffic", json=body, replay_safe=True)
+
+
+def delete_version_request(name: str, version: int, force: bool = False) -> Request:
+    """``DELETE /v1/tuners/{name}/versions/{version}``: not replayed (a replay answers 404)."""
+    params = {"force": "true"} if force else {}
+    return Request("DELETE", f"{_tuner_path(name)}/versions/{int(version)}", params=params)
 
 
 LIST_TUNERS = Request("GET", "/v1/tuners", replay_safe=True)
@@ -169,14 +192,41 @@ class Client:
         return TunerInfo.from_json(self._t.send(get_tuner_request(name)).json())
 
     def push_tuner(
-        self, name: str, artifact: str | os.PathLike[str] | bytes | bytearray
+        self,
+        name: str,
+        artifact: str | os.PathLike[str] | bytes | bytearray,
+        *,
+        promote: bool | None = None,
     ) -> PushResult:
-        """Register an artifact (a path or bytes) as the next version of ``name`` (admin)."""
-        return parse_push(self._t.send(push_request(name, read_artifact(artifact))))
+        """Register an artifact (a path or bytes) as the next version of ``name`` (admin).
+
+        ``promote``: see :func:`push_request`; ``PushResult.current`` says what happened.
+        """
+        request = push_request(name, read_artifact(artifact), promote)
+        return parse_push(self._t.send(request))
 
     def delete_tuner(self, name: str) -> None:
         """Delete a tuner and its versions (admin); raises NotFound."""
         self._t.send(delete_tuner_request(name))
+
+    def delete_version(self, name: str, version: int, *, force: bool = False) -> VersionDeleted:
+        """Delete one version (admin). The current version or one with canary weight raises
+        VersionInUse unless ``force``; so does the only version."""
+        resp = self._t.send(delete_version_request(name, version, force))
+        return VersionDeleted.from_json(resp.json())
+
+    def traffic(self, name: str) -> Traffic:
+        """How plain requests for ``name`` are split between versions."""
+        return Traffic.from_json(self._t.send(traffic_request(name)).json())
+
+    def set_traffic(self, name: str, weights: Mapping[int, int]) -> Traffic:
+        """Split traffic by integer weights per version, e.g. ``{3: 90, 4: 10}`` (admin);
+        all the weight on one version makes it current."""
+        return Traffic.from_json(self._t.send(set_traffic_request(name, weights)).json())
+
+    def promote(self, name: str, version: int) -> Traffic:
+        """Make ``version`` current with all the traffic: a roll-forward or rollback (admin)."""
+        return self.set_traffic(name, {version: 100})
 
     def health(self) -> Health:
         """Liveness and readiness in one call; raises ConnectionFailed when nobody answers."""
@@ -242,14 +292,44 @@ class AsyncClient:
         return TunerInfo.from_json((await self._t.send(get_tuner_request(name))).json())
 
     async def push_tuner(
-        self, name: str, artifact: str | os.PathLike[str] | bytes | bytearray
+        self,
+        name: str,
+        artifact: str | os.PathLike[str] | bytes | bytearray,
+        *,
+        promote: bool | None = None,
     ) -> PushResult:
-        """Register an artifact (a path or bytes) as the next version of ``name`` (admin)."""
-        return parse_push(await self._t.send(push_request(name, read_artifact(artifact))))
+        """Register an artifact (a path or bytes) as the next version of ``name`` (admin).
+
+        ``promote``: see :func:`push_request`; ``PushResult.current`` says what happened.
+        """
+        request = push_request(name, read_artifact(artifact), promote)
+        return parse_push(await self._t.send(request))
 
     async def delete_tuner(self, name: str) -> None:
         """Delete a tuner and its versions (admin); raises NotFound."""
         await self._t.send(delete_tuner_request(name))
+
+    async def delete_version(
+        self, name: str, version: int, *, force: bool = False
+    ) -> VersionDeleted:
+        """Delete one version (admin). The current version or one with canary weight raises
+        VersionInUse unless ``force``; so does the only version."""
+        resp = await self._t.send(delete_version_request(name, version, force))
+        return VersionDeleted.from_json(resp.json())
+
+    async def traffic(self, name: str) -> Traffic:
+        """How plain requests for ``name`` are split between versions."""
+        return Traffic.from_json((await self._t.send(traffic_request(name))).json())
+
+    async def set_traffic(self, name: str, weights: Mapping[int, int]) -> Traffic:
+        """Split traffic by integer weights per version, e.g. ``{3: 90, 4: 10}`` (admin);
+        all the weight on one version makes it current."""
+        resp = await self._t.send(set_traffic_request(name, weights))
+        return Traffic.from_json(resp.json())
+
+    async def promote(self, name: str, version: int) -> Traffic:
+        """Make ``version`` current with all the traffic: a roll-forward or rollback (admin)."""
+        return await self.set_traffic(name, {version: 100})
 
     async def health(self) -> Health:
         """Liveness and readiness in one call; raises ConnectionFailed when nobody answers."""

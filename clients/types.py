@@ -193,16 +193,64 @@ class PushResult:
     version: int
     sha256: str
     created: bool
+    current: bool = True
+    """Whether plain requests for ``name`` now get this version: False for an upload that
+    was not promoted or that kept a canary split (servers before rollouts always promoted)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, created: bool) -> PushResult:
         """Parse the push response body; ``created`` comes from the status (201 vs 200)."""
+        current = data.get("current", True)
         return cls(
             name=str(data["name"]),
             version=int(data["version"]),
             sha256=str(data["sha256"]),
             created=created,
+            current=current if isinstance(current, bool) else True,
         )
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """How requests for a plain tuner name are split between its versions
+    (``GET``/``PUT /v1/tuners/{name}/traffic``): ``weights`` by version; one version with
+    all the weight when there is no canary split."""
+
+    name: str
+    current: int
+    weights: dict[int, int]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def share(self, version: int) -> float:
+        """The fraction of images ``version`` answers (0.0 when it has no weight)."""
+        total = sum(self.weights.values())
+        return self.weights.get(version, 0) / total if total else 0.0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Traffic:
+        """Parse the traffic body (weights keyed by version as strings)."""
+        weights = data.get("traffic") or {}
+        return cls(
+            name=str(data["name"]),
+            current=int(data["current"]),
+            weights={int(v): int(w) for v, w in weights.items()},
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class VersionDeleted:
+    """The answer of ``DELETE /v1/tuners/{name}/versions/{version}``: ``current`` is the
+    name's current version afterwards."""
+
+    name: str
+    version: int
+    current: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VersionDeleted:
+        """Parse the delete-version body."""
+        return cls(str(data["name"]), int(data["version"]), int(data["current"]))
 
 
 @dataclass(frozen=True)

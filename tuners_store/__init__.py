@@ -12,6 +12,7 @@ from tuners_store.errors import (
     StoreError,
     StoreUnavailable,
     TunerNotFound,
+    VersionInUse,
     VersionNotFound,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "StoredTuner",
     "TunerNotFound",
     "TunerStore",
+    "VersionInUse",
     "VersionInfo",
     "VersionNotFound",
     "open_store",

@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Literal, Self
 
-from tuners_store.errors import InvalidTraffic
+from tuners_store.errors import InvalidTraffic, VersionInUse, VersionNotFound
 
-EventKind = Literal["put", "delete", "current", "traffic", "resync", "lost"]
+EventKind = Literal["put", "delete", "current", "traffic", "version_delete", "resync", "lost"]
 """``put``: a new version became current; ``current``: an existing version became current
-(rollback, or a re-upload of identical bytes); ``delete``: the name is gone; ``traffic``: canary
+(rollback, or a re-upload of identical bytes); ``delete``: the name is gone;
+``version_delete``: one version of the name is gone (``version`` says which); ``traffic``: canary
 weights changed; ``resync``: events may have been missed, re-read the whole index; ``lost``: the
 store stopped answering, nothing more arrives until the next ``resync`` (what a watcher holds
 is now possibly stale)."""
@@ -77,10 +78,28 @@ class StoredTuner:
 
 @dataclass(frozen=True)
 class PutResult:
-    """Outcome of :meth:`TunerStore.put`: ``created`` is False when the bytes already existed."""
+    """Outcome of :meth:`TunerStore.put`: ``created`` is False when the bytes already existed;
+    ``current`` says whether the version is the current one after the put."""
 
     info: VersionInfo
     created: bool
+    current: bool = True
+
+
+Promote = bool | None
+"""What a put does to the current version: ``True`` makes the version current and clears any
+canary split; ``False`` only stores it (the first version of a name is current regardless);
+``None`` (the default) promotes unless a canary split is set, so an upload never undoes a
+rollout in progress without being asked."""
+
+
+def should_promote(promote: Promote, *, has_current: bool, has_split: bool) -> bool:
+    """The decision :data:`Promote` describes, in one place for both stores."""
+    if not has_current:
+        return True
+    if promote is None:
+        return not has_split
+    return promote
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,41 @@ def check_traffic(
     return dict(sorted(out.items()))
 
 
+def without_version(
+    name: str,
+    version: int,
+    *,
+    current: int,
+    versions: Collection[int],
+    traffic: Mapping[int, int],
+    force: bool,
+) -> tuple[int, dict[int, int]]:
+    """(current, traffic) once ``version`` is deleted, or why it may not be (both stores).
+
+    ``traffic`` is the stored split (empty: none). Raises :class:`VersionNotFound` or
+    :class:`VersionInUse` (see :meth:`TunerStore.delete_version`).
+    """
+    if version not in versions:
+        raise VersionNotFound(name, version)
+    if len(versions) == 1:
+        raise VersionInUse(name, version, "is its only version; delete the tuner instead")
+    in_split = traffic.get(version, 0) > 0
+    if not force and version == current:
+        raise VersionInUse(name, version, "is current; promote another first or force")
+    if not force and in_split:
+        raise VersionInUse(name, version, "takes canary traffic; change the split or force")
+    left = {v: w for v, w in traffic.items() if v != version}
+    live = [v for v, w in left.items() if w > 0]
+    if version == current:
+        current = max(live or [v for v in versions if v != version])
+    if len(live) == 1:
+        # What is left of the split sends everything to one version: that is "current".
+        current, left = live[0], {}
+    elif not live:
+        left = {}
+    return current, left
+
+
 class TunerStore(ABC):
     """Versioned, content-addressed storage of tuner artifacts, with change notification."""
 
@@ -136,12 +190,14 @@ class TunerStore(ABC):
         *,
         validate: Validator | None = None,
         sha256: str | None = None,
+        promote: Promote = None,
     ) -> PutResult:
-        """Store ``data`` as a new version of ``name`` and make it current.
+        """Store ``data`` as a version of ``name``; make it current as ``promote`` says.
 
         ``validate`` runs first; if it raises, nothing is stored. If identical bytes already are
-        a version of ``name``, that version becomes current and ``created`` is False. Clears
-        any canary traffic split. ``sha256``: the hex digest of ``data`` when the caller has
+        a version of ``name``, no version is added and ``created`` is False. Promoting makes
+        the version current and clears any canary traffic split; the decision and the write
+        are one atomic step. ``sha256``: the hex digest of ``data`` when the caller has
         already computed it (it is trusted, not recomputed: a registration hashes once).
         """
 
@@ -152,6 +208,17 @@ class TunerStore(ABC):
     @abstractmethod
     async def delete(self, name: str) -> None:
         """Remove ``name`` and all its versions from the index (its numbers are not reused)."""
+
+    @abstractmethod
+    async def delete_version(self, name: str, version: int, *, force: bool = False) -> VersionInfo:
+        """Remove one version of ``name`` (its number is not reused); return the current one.
+
+        The current version, or one with weight in the canary split, is refused with
+        :class:`~tuners_store.errors.VersionInUse` unless ``force``; forced, the version leaves
+        the split (a split left with one version, or none with weight, is cleared) and, if
+        it was current, the newest remaining version becomes current. The only version of a
+        name is always refused (delete the name instead).
+        """
 
     @abstractmethod
     async def list(self) -> dict[str, VersionInfo]:

@@ -49,6 +49,16 @@ class InvalidTraffic(StoreError):  # noqa: N818 (names fixed by the API contract
         super().__init__("invalid_traffic", message)
 
 
+class VersionInUse(StoreError):  # noqa: N818 (names fixed by the API contract)
+    """A version that is current or takes canary traffic, deleted without ``force``, or the
+    only version of its name."""
+
+    def __init__(self, name: str, version: int, why: str) -> None:
+        super().__init__("version_in_use", f"tuner {name!r} version {version} {why}")
+        self.name = name
+        self.version = version
+
+
 class StoreUnavailable(StoreError):  # noqa: N818 (names fixed by the API contract)
     """The backing store cannot be reached (Redis down, filesystem unwritable); retry later."""
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuners_store.base import (
+    Promote,
     PutResult,
     StoredTuner,
     StoreEvent,
@@ -38,7 +39,9 @@ from tuners_store.base import (
     Validator,
     VersionInfo,
     check_traffic,
+    should_promote,
     utc_now,
+    without_version,
 )
 from tuners_store.errors import (
     StoreCorrupt,
@@ -249,6 +252,7 @@ class FilesystemStore(TunerStore):
         *,
         validate: Validator | None = None,
         sha256: str | None = None,
+        promote: Promote = None,
     ) -> PutResult:
         """Blocking :meth:`put`."""
         validate_qualified_name(name)
@@ -256,19 +260,24 @@ class FilesystemStore(TunerStore):
             validate(data)
         digest = sha256 if sha256 is not None else _sha256(data)
         with self._locked(name) as (directory, index):
+            promoting = should_promote(
+                promote, has_current=index.current is not None, has_split=bool(index.traffic)
+            )
             for info in index.versions.values():
                 if info.sha256 == digest:
-                    if index.current != info.version or index.traffic:
+                    if promoting and (index.current != info.version or index.traffic):
                         index.current, index.traffic = info.version, {}
                         self._write_index(directory, index)
-                    return PutResult(info, created=False)
+                    return PutResult(info, False, index.current == info.version)
             version = index.high_water + 1
             self._atomic_write(directory, f"{version}{BLOB_SUFFIX}", data)
             info = VersionInfo(name, version, digest, len(data), utc_now())
             index.versions[version] = info
-            index.current, index.high_water, index.traffic = version, version, {}
+            index.high_water = version
+            if promoting:
+                index.current, index.traffic = version, {}
             self._write_index(directory, index)
-            return PutResult(info, created=True)
+            return PutResult(info, True, promoting)
 
     def get_sync(self, name: str, version: int | None = None) -> StoredTuner:
         """Blocking :meth:`get`; verifies the bytes against the recorded sha256."""
@@ -304,6 +313,27 @@ class FilesystemStore(TunerStore):
             for version in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(directory / f"{version}{BLOB_SUFFIX}")
+
+    def delete_version_sync(self, name: str, version: int, *, force: bool = False) -> VersionInfo:
+        """Blocking :meth:`delete_version`: the index forgets the version, then its blob goes."""
+        validate_qualified_name(name)
+        self._index_or_raise(name)
+        with self._locked(name) as (directory, index):
+            if index.current is None:
+                raise TunerNotFound(name)
+            index.current, index.traffic = without_version(
+                name,
+                version,
+                current=index.current,
+                versions=index.versions,
+                traffic=index.traffic,
+                force=force,
+            )
+            del index.versions[version]
+            self._write_index(directory, index)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / f"{version}{BLOB_SUFFIX}")
+            return index.versions[index.current]
 
     def list_sync(self) -> dict[str, VersionInfo]:
         """Blocking :meth:`list`."""
@@ -361,14 +391,20 @@ class FilesystemStore(TunerStore):
         *,
         validate: Validator | None = None,
         sha256: str | None = None,
+        promote: Promote = None,
     ) -> PutResult:
-        return await asyncio.to_thread(self.put_sync, name, data, validate=validate, sha256=sha256)
+        return await asyncio.to_thread(
+            self.put_sync, name, data, validate=validate, sha256=sha256, promote=promote
+        )
 
     async def get(self, name: str, version: int | None = None) -> StoredTuner:
         return await asyncio.to_thread(self.get_sync, name, version)
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.delete_sync, name)
+
+    async def delete_version(self, name: str, version: int, *, force: bool = False) -> VersionInfo:
+        return await asyncio.to_thread(self.delete_version_sync, name, version, force=force)
 
     async def list(self) -> dict[str, VersionInfo]:
         return await asyncio.to_thread(self.list_sync)
@@ -483,6 +519,10 @@ def _diff(name: str, before: _Seen | None, after: _Seen) -> list[StoreEvent]:
     if after.current != was:
         known = before is not None and after.current in before.versions
         events.append(StoreEvent("current" if known else "put", name, after.current))
+    if before is not None:
+        events.extend(
+            StoreEvent("version_delete", name, v) for v in sorted(before.versions - after.versions)
+        )
     if before is not None and after.traffic != before.traffic:
         events.append(StoreEvent("traffic", name))
     return events

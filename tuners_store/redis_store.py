@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from redis.backoff import ConstantBackoff, NoBackoff
 from redis.exceptions import RedisError
 
 from tuners_store.base import (
+    Promote,
     PutResult,
     StoredTuner,
     StoreEvent,
@@ -48,6 +50,7 @@ from tuners_store.base import (
     VersionInfo,
     check_traffic,
     utc_now,
+    without_version,
 )
 from tuners_store.errors import StoreCorrupt, StoreUnavailable, TunerNotFound, VersionNotFound
 from tuners_store.names import validate_qualified_name
@@ -79,26 +82,33 @@ end
 # vanishes) and renamed in by the script: passing 5 MB through a script argument would copy it
 # twice more and block Redis for that long.
 # KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha, 7 ver, 8 staging
-# ARGV: 1 new epoch, 2 channel, 3 name, 4 sha256, 5 size, 6 created_at, 7 blob prefix
-# Returns {0, info} (bytes already a version), {1, info} (new version), {-1} (staging gone).
+# ARGV: 1 new epoch, 2 channel, 3 name, 4 sha256, 5 size, 6 created_at, 7 blob prefix,
+#       8 promote ('1' yes, '0' no, '' unless a split is set; a name's first version always)
+# Returns {0, info, current} (bytes already a version), {1, info, current} (new version),
+# {-1} (staging gone); ``current`` is 1 when the version is current afterwards.
 _PUT = (
     _PUBLISH
     + """
 local name = ARGV[3]
 if redis.call('EXISTS', KEYS[8]) == 0 then return {-1} end
+local was = redis.call('HGET', KEYS[3], name)
+local promote = (not was) or ARGV[8] == '1'
+  or (ARGV[8] == '' and redis.call('HEXISTS', KEYS[4], name) == 0)
 local existing = redis.call('HGET', KEYS[6], ARGV[4])
 if existing then
   local info = redis.call('HGET', KEYS[5], existing)
   if info then
     redis.call('DEL', KEYS[8])
-    local was = redis.call('HGET', KEYS[3], name)
-    local had_traffic = redis.call('HDEL', KEYS[4], name)
-    if was ~= info then
-      redis.call('HSET', KEYS[3], name, info)
-      publish('current', name, tonumber(existing))
+    if promote then
+      local had_traffic = redis.call('HDEL', KEYS[4], name)
+      if was ~= info then
+        redis.call('HSET', KEYS[3], name, info)
+        publish('current', name, tonumber(existing))
+      end
+      if had_traffic == 1 then publish('traffic', name, nil) end
+      return {0, info, 1}
     end
-    if had_traffic == 1 then publish('traffic', name, nil) end
-    return {0, info}
+    return {0, info, was == info and 1 or 0}
   end
 end
 local v = redis.call('INCR', KEYS[7])
@@ -108,11 +118,12 @@ redis.call('RENAME', KEYS[8], ARGV[7] .. v)
 redis.call('PERSIST', ARGV[7] .. v)
 redis.call('HSET', KEYS[5], v, info)
 redis.call('HSET', KEYS[6], ARGV[4], v)
+if not promote then return {1, info, 0} end
 redis.call('HSET', KEYS[3], name, info)
 local had_traffic = redis.call('HDEL', KEYS[4], name)
 publish('put', name, v)
 if had_traffic == 1 then publish('traffic', name, nil) end
-return {1, info}
+return {1, info, 1}
 """
 )
 # KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha. ARGV: 1, 2, 3 name, 4 blob prefix
@@ -128,6 +139,44 @@ publish('delete', ARGV[3], nil)
 return 1
 """
 )
+# Compare-and-set: the caller read the state, decided with ``without_version`` and passes
+# what it read; anything changed meanwhile answers {-2} and the caller decides again.
+# KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions, 6 sha.
+# ARGV: 1, 2, 3 name, 4 version, 5 current as read, 6 traffic as read ('' none), 7 new current,
+#       8 new traffic JSON ('' none), 9 blob prefix, 10 sha256 of the version, 11 versions read
+_DELETE_VERSION = (
+    _PUBLISH
+    + """
+local name = ARGV[3]
+local was = redis.call('HGET', KEYS[3], name)
+if not was then return {0} end
+local traffic = redis.call('HGET', KEYS[4], name) or ''
+if was ~= ARGV[5] or traffic ~= ARGV[6] or redis.call('HLEN', KEYS[5]) ~= tonumber(ARGV[11])
+   or redis.call('HEXISTS', KEYS[5], ARGV[4]) == 0 then
+  return {-2}
+end
+redis.call('HDEL', KEYS[5], ARGV[4])
+redis.call('HDEL', KEYS[6], ARGV[10])
+redis.call('DEL', ARGV[9] .. ARGV[4])
+local info = redis.call('HGET', KEYS[5], ARGV[7])
+if info ~= was then
+  redis.call('HSET', KEYS[3], name, info)
+  publish('current', name, tonumber(ARGV[7]))
+end
+if ARGV[8] == '' then
+  redis.call('HDEL', KEYS[4], name)
+else
+  redis.call('HSET', KEYS[4], name, ARGV[8])
+end
+if ARGV[8] ~= traffic then publish('traffic', name, nil) end
+publish('version_delete', name, tonumber(ARGV[4]))
+return {1, info}
+"""
+)
+DELETE_VERSION_TRIES = 8
+"""Compare-and-set rounds of :meth:`RedisStore.delete_version` before it gives up (each
+lost round means another writer changed the name meanwhile)."""
+
 # KEYS: 1 epoch, 2 seq, 3 index, 4 traffic, 5 versions. ARGV: 1, 2, 3 name, 4 version.
 _SET_CURRENT = (
     _PUBLISH
@@ -203,6 +252,7 @@ class RedisStore(TunerStore):
         )
         self._put = self._client.register_script(_PUT)
         self._delete = self._client.register_script(_DELETE)
+        self._delete_version = self._client.register_script(_DELETE_VERSION)
         self._set_current = self._client.register_script(_SET_CURRENT)
         self._set_traffic = self._client.register_script(_SET_TRAFFIC)
         self.channel = f"{prefix}:events"
@@ -233,6 +283,7 @@ class RedisStore(TunerStore):
         *,
         validate: Validator | None = None,
         sha256: str | None = None,
+        promote: Promote = None,
     ) -> PutResult:
         validate_qualified_name(name)
 
@@ -256,6 +307,7 @@ class RedisStore(TunerStore):
         args = [
             *self._event_args(),
             *(name, digest, str(len(data)), utc_now(), self._k("blob", name, "")),
+            {True: "1", False: "0", None: ""}[promote],
         ]
 
         async def write() -> list[Any]:
@@ -265,7 +317,7 @@ class RedisStore(TunerStore):
         reply = await self._call("put", write)
         if reply[0] == -1:
             raise StoreUnavailable(f"redis at {self.url} lost the uploaded bytes; retry")
-        return PutResult(_info(reply[1]), created=bool(reply[0]))
+        return PutResult(_info(reply[1]), created=bool(reply[0]), current=bool(reply[2]))
 
     async def get(self, name: str, version: int | None = None) -> StoredTuner:
         validate_qualified_name(name)
@@ -311,6 +363,56 @@ class RedisStore(TunerStore):
         args = [*self._event_args(), name, self._k("blob", name, "")]
         if not await self._call("delete", lambda: self._delete(keys=keys, args=args)):
             raise TunerNotFound(name)
+
+    async def delete_version(self, name: str, version: int, *, force: bool = False) -> VersionInfo:
+        validate_qualified_name(name)
+        keys = [
+            *self._event_keys(),
+            self._k("index"),
+            self._k("traffic"),
+            self._k("versions", name),
+            self._k("sha", name),
+        ]
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hget(self._k("index"), name)
+                pipe.hget(self._k("traffic"), name)
+                pipe.hvals(self._k("versions", name))
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        for _ in range(DELETE_VERSION_TRIES):
+            current, traffic, values = await self._call("delete_version", read)
+            if current is None:
+                raise TunerNotFound(name)
+            infos = {i.version: i for i in (_info(v) for v in values)}
+            weights = {int(v): int(w) for v, w in json.loads(traffic or b"{}").items()}
+            new_current, new_traffic = without_version(
+                name,
+                version,
+                current=_info(current).version,
+                versions=infos,
+                traffic=weights,
+                force=force,
+            )
+            doc = json.dumps({str(v): w for v, w in new_traffic.items()}) if new_traffic else ""
+            args = [
+                *self._event_args(),
+                *(name, str(version), current, traffic or b"", str(new_current), doc),
+                *(self._k("blob", name, ""), infos[version].sha256, str(len(infos))),
+            ]
+            reply = await self._call("delete_version", functools.partial(self._cas, keys, args))
+            if reply[0] == 0:
+                raise TunerNotFound(name)
+            if reply[0] == 1:
+                return _info(reply[1])
+        raise StoreUnavailable(
+            f"version {version} of {name!r} kept changing during delete ({DELETE_VERSION_TRIES} "
+            "tries); retry"
+        )
+
+    async def _cas(self, keys: builtins.list[str], args: builtins.list[Any]) -> builtins.list[Any]:
+        return await self._delete_version(keys=keys, args=args)  # type: ignore[no-any-return]
 
     async def list(self) -> dict[str, VersionInfo]:
         raw = await self._call(

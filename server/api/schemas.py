@@ -275,6 +275,17 @@ class Registered(BaseModel):
     name: str
     version: int
     sha256: str
+    current: bool = True
+    """Whether requests for the plain name now get this version (an upload that was not
+    promoted, or kept a canary split, is stored and loaded but takes no traffic yet)."""
+
+
+class VersionDeleted(BaseModel):
+    name: str
+    version: int
+    deleted: bool = True
+    current: int
+    """The current version after the delete."""
 
 
 class Deleted(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from server.api.schemas import (
     TrafficOut,
     TunerDetail,
     TunerList,
+    VersionDeleted,
     problem_responses,
 )
 from server.engine.registry import sha256_of
@@ -37,6 +38,7 @@ TunerName = Annotated[
         "`tenant/name`"
     ),
 ]
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A version number")]
 MAX_TRAFFIC_BODY_BYTES = 16 * 1024
 """A traffic split is a few dozen bytes; more is not one."""
 
@@ -161,12 +163,22 @@ async def register_tuner(
     name: TunerName,
     service: ServiceDep,
     tenancy: TenancyDep,
+    promote: Annotated[
+        bool | None,
+        Query(
+            description="true: make this version current and clear any canary split; "
+            "false: store and load it only (it takes traffic once promoted or given weight); "
+            "absent: promote unless a canary split is set. A name's first version is always "
+            "current."
+        ),
+    ] = None,
 ) -> JSONResponse:
     """Validate the artifact (header, shapes, values, backbone fingerprint), admit it against
     the running backbone (its dims and depth, then a dry run of the built tuner; 422
-    ``artifact_incompatible`` / ``artifact_dry_run_failed``, nothing stored) and make it the
-    current version of ``name`` on every replica. Re-uploading identical bytes answers 200 with the
-    existing version. Over the tenant's tuner or byte quota: 429 ``quota_exceeded``."""
+    ``artifact_incompatible`` / ``artifact_dry_run_failed``, nothing stored), store and load
+    it, and make it the current version of ``name`` on every replica as ``promote`` says
+    (``current`` in the answer). Re-uploading identical bytes answers 200 with the existing
+    version. Over the tenant's tuner or byte quota: 429 ``quota_exceeded``."""
     tenancy.check_write(principal, name)
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type in _REFUSED_MEDIA:
@@ -185,12 +197,48 @@ async def register_tuner(
         if tenancy.quota(tenant).limits_storage:
             digest = await sha256_of(data)
             await tenancy.check_upload(tenant, name, data, digest, service.registry)
-        info, created = await service.registry.register(name, data, sha256=digest)
+        info, created = await service.registry.register(name, data, sha256=digest, promote=promote)
+    body = Registered(
+        name=info.name,
+        version=info.version,
+        sha256=info.sha256,
+        current=service.registry.is_current(name, info.version),
+    )
     return JSONResponse(
-        Registered(name=info.name, version=info.version, sha256=info.sha256).model_dump(),
+        body.model_dump(),
         status_code=201 if created else 200,
         headers={"Location": f"/v1/tuners/{info.name}"},
     )
+
+
+@router.delete(
+    "/{name:tuner}/versions/{version}",
+    response_model=VersionDeleted,
+    summary="Delete one version of a tuner (admin)",
+    responses=problem_responses(401, 403, 404, 409, 503),
+)
+async def delete_version(
+    principal: AdminDep,
+    name: TunerName,
+    version: VersionNumber,
+    service: ServiceDep,
+    tenancy: TenancyDep,
+    force: Annotated[
+        bool,
+        Query(
+            description="Also delete the current version (the newest remaining one becomes "
+            "current) or a version with canary weight (it leaves the split)"
+        ),
+    ] = False,
+) -> VersionDeleted:
+    """Remove one version from the store; every replica stops serving it. The current
+    version, a version with weight in the split, or the only version answer 409
+    ``version_in_use`` (the first two unless ``force``). Answers once the requests using it
+    here are done (at most ``unload_drain_s``)."""
+    tenancy.check_write(principal, name)
+    await service.registry.delete_version(name, version, force=force)
+    info = await service.registry.current_or_404(name)
+    return VersionDeleted(name=name, version=version, current=info.version)
 
 
 @router.delete(

@@ -65,7 +65,7 @@ from tuners_store import (
     VersionNotFound,
 )
 from tuners_store.artifact import ArtifactError, read_header
-from tuners_store.base import check_traffic
+from tuners_store.base import Promote, check_traffic
 from tuners_store.config import TunerConfig, parameter_count
 from tuners_store.names import split_qualified_name, validate_qualified_name
 
@@ -224,8 +224,11 @@ class TunerRegistry:
         self._retiring: dict[LoadedTuner, asyncio.Task[bool]] = {}
         self._unload_listeners: list[UnloadListener] = []
         self._swap_listeners: list[SwapListener] = []
-        self._registering: dict[tuple[str, str], asyncio.Future[tuple[VersionInfo, bool]]] = {}
-        """In-flight registrations by (name, sha256): identical concurrent uploads join one."""
+        self._registering: dict[
+            tuple[str, str, Promote], asyncio.Future[tuple[VersionInfo, bool]]
+        ] = {}
+        """In-flight registrations by (name, sha256, promote): identical concurrent uploads
+        join one."""
         self._answers: dict[VersionKey, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -533,12 +536,14 @@ class TunerRegistry:
     # ------------------------------------------------------------------ admin
 
     async def register(
-        self, name: str, data: bytes, *, sha256: str | None = None
+        self, name: str, data: bytes, *, sha256: str | None = None, promote: Promote = None
     ) -> tuple[VersionInfo, bool]:
-        """Validate and store an artifact as the new current version of ``name``, and load it.
+        """Validate and store an artifact as a version of ``name``, and load it.
 
+        ``promote`` (see :data:`~tuners_store.base.Promote`): whether it becomes current;
+        by default it does unless a canary split is set. :meth:`is_current` tells afterwards.
         Returns (version info, created); ``created`` is False when identical bytes already
-        were a version of ``name`` (that version is current again). Uploads of identical
+        were a version of ``name``. Uploads of identical
         bytes to one name while one is in progress wait for it and share its outcome: one
         validation, one version, one load. ``sha256``: the digest of ``data`` if the caller
         already computed it (the upload route does for quotas); the bytes are hashed once.
@@ -551,26 +556,28 @@ class TunerRegistry:
             self._count_registration(exc.code)
             raise ApiError(exc.code, exc.message, task=name) from exc
         digest = sha256 if sha256 is not None else await sha256_of(data)
-        key = (name, digest)
+        key = (name, digest, promote)
         flight = self._registering.get(key)
         if flight is not None:
             info, _ = await asyncio.shield(flight)
             self._count_registration("unchanged")
             return info, False
-        flight = asyncio.ensure_future(self._register(name, data, digest))
+        flight = asyncio.ensure_future(self._register(name, data, digest, promote))
         self._registering[key] = flight
         flight.add_done_callback(lambda done: self._flight_done(key, done))
         # Shielded: a client that hangs up must not cancel the registration others wait on.
         return await asyncio.shield(flight)
 
     def _flight_done(
-        self, key: tuple[str, str], done: asyncio.Future[tuple[VersionInfo, bool]]
+        self, key: tuple[str, str, Promote], done: asyncio.Future[tuple[VersionInfo, bool]]
     ) -> None:
         self._registering.pop(key, None)
         if not done.cancelled():
             done.exception()  # retrieved: a failure nobody waits for any more is not logged
 
-    async def _register(self, name: str, data: bytes, digest: str) -> tuple[VersionInfo, bool]:
+    async def _register(
+        self, name: str, data: bytes, digest: str, promote: Promote
+    ) -> tuple[VersionInfo, bool]:
         """One registration (see :meth:`register`); the name is already valid, ``digest`` is
         the sha256 of ``data``.
 
@@ -606,7 +613,7 @@ class TunerRegistry:
         async with self._lock(name):
             generation = self._generation.get(name, 0)
             try:
-                result = await self.store.put(name, data, sha256=digest)
+                result = await self.store.put(name, data, sha256=digest, promote=promote)
             except StoreError as exc:
                 self._count_registration(exc.code)
                 raise self._store_error(exc, name) from exc
@@ -616,14 +623,15 @@ class TunerRegistry:
             loaded = self._loaded.get((name, result.info.version)) or self._install(
                 name, result.info, admitted.module, started, generation
             )
-        if self._generation.get(name, 0) == generation:
+        if self._generation.get(name, 0) == generation and result.current:
             self._swap(name, result.info, ours=True)
         self._count_registration("created" if result.created else "unchanged")
         log.info(
-            "registered tuner %s v%d (%s)",
+            "registered tuner %s v%d (%s, %s)",
             name,
             loaded.version,
             "new" if result.created else "identical bytes",
+            "current" if result.current else "not promoted",
         )
         return result.info, result.created
 
@@ -644,6 +652,62 @@ class TunerRegistry:
         drained = all(await asyncio.gather(*retiring)) if retiring else True
         log.info("deleted tuner %s", name)
         return drained
+
+    def is_current(self, name: str, version: int) -> bool:
+        """Whether plain ``name`` is served by ``version`` here (what an upload answers)."""
+        info = self._index.get(name)
+        return info is not None and info.version == version
+
+    async def delete_version(self, name: str, version: int, *, force: bool = False) -> bool:
+        """Remove one version of ``name`` from the store and from memory.
+
+        The current version or one in the canary split is refused (409 ``version_in_use``)
+        unless ``force``; so is the only version. Forced, the store picks the new current
+        version and split (:meth:`~tuners_store.base.TunerStore.delete_version`) and this
+        replica serves them before the old version leaves memory. Returns once the requests
+        using the version are done, or ``unload_drain_s`` passed (then False).
+        """
+        async with self._lock(name):
+            try:
+                info = await self.store.delete_version(name, version, force=force)
+            except (TunerNotFound, InvalidName):
+                raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
+            except VersionNotFound:
+                raise ApiError(
+                    "version_not_found", f"tuner {name!r} has no version {version}", task=name
+                ) from None
+            except StoreError as exc:
+                raise self._store_error(exc, name) from exc
+            self.store_ok = True
+        doomed = self._loaded.get((name, version))
+        if not self.is_loaded(name, info.version):
+            with contextlib.suppress(ApiError):  # a request gets the per-task error instead
+                await self._load(name, info.version)
+        if self._index.get(name) != info:
+            self._swap(name, info)
+        await self._refresh_traffic(name)
+        self._forget_version(name, version)
+        retiring = self._retiring.get(doomed) if doomed is not None else None
+        drained = await retiring if retiring is not None else True
+        log.info("deleted tuner %s v%d", name, version)
+        return drained
+
+    def _forget_version(self, name: str, version: int) -> None:
+        """Version ``version`` of ``name`` is gone: out of the split, the answers and memory
+        (its drain runs in the background)."""
+        weights = self._traffic.get(name)
+        if weights is not None and version in weights:
+            # Out of the split at once (a pick of it would fail the request); the store's own
+            # split, which may name a new current version, is read after.
+            left = {v: w for v, w in weights.items() if v != version}
+            if len(left) > 1:
+                self._traffic[name] = left
+            else:
+                self._traffic.pop(name, None)
+            self._spawn(self._refresh_traffic(name))
+        self._answers.pop((name, version), None)
+        self._unload((name, version))
+        self._report()
 
     async def set_current(self, name: str, version: int) -> VersionInfo:
         """Make an existing version current (rollback); it is loaded first, so no request
@@ -952,6 +1016,10 @@ class TunerRegistry:
             self._spawn(self._refresh(name, event.version, self._change.get(name, 0)))
         elif event.kind == "traffic":
             self._spawn(self._refresh_traffic(name))
+        elif event.kind == "version_delete" and event.version is not None:
+            # Pinned requests now get unknown_version; a new current version or split came
+            # (or comes) in its own event.
+            self._forget_version(name, event.version)
 
     async def _resync(self) -> None:
         """Re-read the whole index; apply every difference."""

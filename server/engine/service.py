@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,29 @@ class TaskRef:
 
     def __str__(self) -> str:
         return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+def answer_keys(tasks: list[TaskRef]) -> list[str]:
+    """The key each task's answer has in a response: its name, or, where a request names one
+    task more than once (``pets@1,pets@2``), the reference as written, so both answers fit
+    and a client tells them apart. Plain requests keep the keys they always had."""
+    counts = Counter(ref.name for ref in tasks)
+    return [ref.name if counts[ref.name] == 1 else str(ref) for ref in tasks]
+
+
+def layers(tuners: list[LoadedTuner]) -> list[tuple[LoadedTuner, ...]]:
+    """``tuners`` split into the fewest groups of distinct names, in order: the engine keys an
+    image's answers by task name, so two versions of one name go in two batch items (of one
+    pixel digest, so the backbone still runs once for the image)."""
+    out: list[list[LoadedTuner]] = []
+    for tuner in tuners:
+        for layer in out:
+            if all(t.name != tuner.name for t in layer):
+                layer.append(tuner)
+                break
+        else:
+            out.append([tuner])
+    return [tuple(layer) for layer in out]
 
 
 _Prepared = tuple[torch.Tensor, str]
@@ -266,11 +290,15 @@ class InferenceService:
                 "too_many_tasks",
                 f"{len(tasks)} tasks requested; at most {s.max_tasks_per_request} per request",
             )
-        seen: set[str] = set()
+        # One name may come more than once only pinned to distinct versions (``pets@1,pets@2``,
+        # a side-by-side comparison); its plain form picks a version per image, which could
+        # be one of the pinned ones, so it stays alone.
+        seen: dict[str, list[TaskRef]] = {}
         for ref in tasks:
-            if ref.name in seen:
+            same = seen.setdefault(ref.name, [])
+            if same and (ref.version is None or ref in same or same[0].version is None):
                 raise ApiError("duplicate_task", f"task {ref.name!r} is named twice", task=ref.name)
-            seen.add(ref.name)
+            same.append(ref)
         if n_images < 1:
             raise ApiError("validation_error", "send at least one image")
         if n_images > s.max_images_per_request:
@@ -302,12 +330,12 @@ class InferenceService:
             return_exceptions=True,
         )
         plans: dict[str, _Plan] = {}
-        for ref, result in zip(tasks, results, strict=True):
+        for key, result in zip(answer_keys(tasks), results, strict=True):
             if isinstance(result, ApiError) and result.code in _RESOLVE_FATAL:
                 raise result
             if isinstance(result, BaseException) and not isinstance(result, ApiError):
                 raise result
-            plans[ref.name] = result
+            plans[key] = result
         return plans
 
     async def _decode_all(self, images: list[bytes]) -> list[_Prepared]:
@@ -356,33 +384,41 @@ class InferenceService:
         """Batch the images with their tuners and assemble the response body."""
         loop = asyncio.get_running_loop()
         deadline = started + self.settings.request_timeout_s
-        per_image = [await self._tuners_for(tasks, plans, digest, lease) for _, digest in prepared]
+        keys = answer_keys(tasks)
+        per_image = [
+            await self._tuners_for(tasks, keys, plans, digest, lease) for _, digest in prepared
+        ]
         items: list[BatchItem] = []
-        to_compute: list[int] = []
+        # The image of each item: one per image, more where a name comes in two versions.
+        owners: list[int] = []
         for index, ((pixels, digest), tuners) in enumerate(zip(prepared, per_image, strict=True)):
-            runnable = tuple(t for t in tuners.values() if isinstance(t, LoadedTuner))
-            if runnable:
-                items.append(BatchItem(pixels, digest, runnable, top_k))
-                to_compute.append(index)
+            runnable = [t for t in tuners.values() if isinstance(t, LoadedTuner)]
+            for layer in layers(runnable):
+                items.append(BatchItem(pixels, digest, layer, top_k))
+                owners.append(index)
         completed: list[Completed] = []
         if items:
             completed = await self.batcher.submit(items, deadline=deadline)
-        by_image = dict(zip(to_compute, completed, strict=True))
+        by_image: dict[int, list[tuple[BatchItem, Completed]]] = {}
+        for owner, item, done in zip(owners, items, completed, strict=True):
+            by_image.setdefault(owner, []).append((item, done))
 
         results = []
         answered: dict[tuple[str, int], int] = {}
         for index, tuners in enumerate(per_image):
-            done = by_image.get(index)
             answers: dict[str, Answer] = {}
-            for ref in tasks:
-                plan = tuners[ref.name]
+            for ref, key in zip(tasks, keys, strict=True):
+                plan = tuners[key]
                 if isinstance(plan, ApiError):
-                    answers[ref.name] = task_error(plan.code, plan.detail)
-                elif done is not None:
-                    answer = answers[ref.name] = done.output.answers[ref.name]
-                    if "version" in answer:
-                        key = (ref.name, int(answer["version"]))
-                        answered[key] = answered.get(key, 0) + 1
+                    answers[key] = task_error(plan.code, plan.detail)
+                    continue
+                for item, done in by_image.get(index, []):
+                    if any(t is plan for t in item.tuners):
+                        answer = answers[key] = done.output.answers[ref.name]
+                        if "version" in answer:
+                            counted = (ref.name, int(answer["version"]))
+                            answered[counted] = answered.get(counted, 0) + 1
+                        break
             results.append({"image": index, "tasks": answers})
         self.registry.count_answers(answered)
         self.metrics.count_answers(answered)
@@ -398,12 +434,18 @@ class InferenceService:
         return {"results": results, "backbone": self.backbone_info(), "timing": timing}
 
     async def _tuners_for(
-        self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str, lease: LeaseSet
+        self,
+        tasks: list[TaskRef],
+        keys: list[str],
+        plans: dict[str, _Plan],
+        digest: str,
+        lease: LeaseSet,
     ) -> dict[str, _Plan]:
-        """The plan of each task for one image: a canary split picks by the image digest."""
+        """The plan of each task (by answer key) for one image: a canary split picks by the
+        image digest."""
         out: dict[str, _Plan] = {}
-        for ref in tasks:
-            plan = plans[ref.name]
+        for ref, key in zip(tasks, keys, strict=True):
+            plan = plans[key]
             if ref.version is None and self.registry.has_split(ref.name):
                 try:
                     plan = await self.registry.resolve(ref.name, None, digest, lease)
@@ -411,7 +453,7 @@ class InferenceService:
                     if exc.code in _RESOLVE_FATAL:
                         raise
                     plan = exc
-            out[ref.name] = plan
+            out[key] = plan
         return out
 
     # ------------------------------------------------------------------ health

@@ -58,11 +58,52 @@ function renderTunerTable() {
     const training = tr.val_metric
       ? `${tr.val_metric} ${tr.val_score != null ? Number(tr.val_score).toFixed(3) : "?"} on ${tr.data || "?"}`
       : "–";
+    const versions = el("td", { class: "versions", "data-tuner": t.name, text: "…" });
     tbody.append(el("tr", {},
       el("th", { scope: "row", text: t.name }), el("td", { text: t.kind }),
-      el("td", { text: String(t.version) }), el("td", { text: labels || "–" }),
+      el("td", { text: String(t.version) }), versions, el("td", { text: labels || "–" }),
       el("td", { text: Number(t.params || 0).toLocaleString() }), el("td", { text: training })));
   }
+  loadVersions(state.tuners.slice(0, MAX_VERSION_ROWS));
+}
+
+// One detail request per tuner: bounded, so a server with thousands of tuners is not asked
+// for thousands of records on every refresh.
+const MAX_VERSION_ROWS = 50;
+
+async function loadVersions(tuners) {
+  await Promise.all(tuners.map(async (t) => {
+    const cell = document.querySelector(`td.versions[data-tuner="${CSS.escape(t.name)}"]`);
+    if (!cell) return;
+    try {
+      const resp = await fetch(`v1/tuners/${encodeURIComponent(t.name)}`);
+      if (!resp.ok) { cell.textContent = "–"; return; }
+      cell.replaceChildren(...versionCell(await resp.json()));
+    } catch {
+      cell.textContent = "–";
+    }
+  }));
+}
+
+// "v1 · v2 (current) · v3 (staged)" and, under a canary split, "split: v1 90% · v2 10%".
+function versionCell(detail) {
+  const traffic = detail.traffic || {};
+  const total = Object.values(traffic).reduce((a, b) => a + b, 0);
+  const names = (detail.versions || []).map((v) => {
+    const weight = traffic[String(v.version)] || 0;
+    let role = "";
+    if (v.version === detail.version) role = " (current)";
+    else if (weight === 0) role = " (no traffic)";
+    return el("span", { class: "version", "data-version": String(v.version), text: `v${v.version}${role}` });
+  });
+  const out = [];
+  names.forEach((n, i) => { if (i) out.push(" · "); out.push(n); });
+  const split = Object.entries(traffic).filter(([, w]) => w > 0);
+  if (split.length > 1) {
+    const shares = split.map(([v, w]) => `v${v} ${Math.round((1000 * w) / total) / 10}%`).join(" · ");
+    out.push(el("div", { class: "split", text: `split: ${shares}` }));
+  }
+  return out;
 }
 
 function renderTaskChecks(keep) {
@@ -182,14 +223,16 @@ $("upload-form").addEventListener("submit", async (e) => {
   const status = $("upload-status");
   status.className = "";
   status.textContent = "Uploading…";
-  const resp = await fetch(`v1/tuners/${encodeURIComponent(name)}`, {
+  const query = $("up-promote").checked ? "" : "?promote=false";
+  const resp = await fetch(`v1/tuners/${encodeURIComponent(name)}${query}`, {
     method: "PUT",
     headers: { "Authorization": `Bearer ${$("up-token").value}`, "Content-Type": "application/octet-stream" },
     body: file,
   });
   if (!resp.ok) { status.className = "error"; status.textContent = await problemText(resp); return; }
   const body = await resp.json();
-  status.textContent = `Registered ${body.name} v${body.version}.`;
+  const live = body.current === false ? "stored, not current: give it traffic to try it" : "current";
+  status.textContent = `Registered ${body.name} v${body.version} (${live}).`;
   await loadTuners();
 });
 

@@ -116,6 +116,60 @@ def test_tuners_push_list_show_rm(live_server: LiveServer, files: Path) -> None:
     assert "cli-reg" not in run("tuners", "list", "--url", url).stdout
 
 
+def test_tuners_traffic_promote_and_rm_version(
+    live_server: LiveServer, files: Path, tiny_backbone: TorchBackbone
+) -> None:
+    url, token = live_server.url, live_server.admin_token
+    name = "cli-roll"
+    for seed in (1, 2):
+        path = files / f"{name}-{seed}.safetensors"
+        path.write_bytes(
+            make_artifact(make_config(name, tiny_backbone), tiny_backbone.final_norm, seed=seed)
+        )
+    first = run(
+        "tuners", "push", name, str(files / f"{name}-1.safetensors"), "--url", url, token=token
+    )
+    assert first.returncode == EXIT_OK, first.stderr
+    staged = run(
+        "tuners",
+        "push",
+        name,
+        str(files / f"{name}-2.safetensors"),
+        "--no-promote",
+        "--url",
+        url,
+        token=token,
+    )
+    assert staged.returncode == EXIT_OK, staged.stderr
+    assert f"{name} v2" in staged.stdout
+    assert "not current" in staged.stdout
+    shown = run("tuners", "traffic", name, "--url", url)
+    assert shown.stdout.strip() == f"{name}: current v1; v1 100%"
+    split = run("tuners", "traffic", name, "1=90", "2=10", "--url", url, token=token)
+    assert split.returncode == EXIT_OK, split.stderr
+    assert split.stdout.strip() == f"{name}: current v1; v1 90%, v2 10%"
+    as_json = json.loads(run("tuners", "traffic", name, "--json", "--url", url).stdout)
+    assert as_json == {"name": name, "current": 1, "traffic": {"1": 90, "2": 10}}
+    bad = run("tuners", "traffic", name, "1:90", "--url", url, token=token)
+    assert bad.returncode == EXIT_USAGE
+    assert "VERSION=WEIGHT" in bad.stderr
+    unknown = run("tuners", "traffic", name, "7=100", "--url", url, token=token)
+    assert unknown.returncode == EXIT_API_ERROR
+    assert "invalid_traffic" in unknown.stderr
+
+    in_use = run("tuners", "rm", name, "--version", "2", "--url", url, token=token)
+    assert in_use.returncode == EXIT_API_ERROR
+    assert "version_in_use" in in_use.stderr
+    forced = run("tuners", "rm", name, "--version", "1", "--force", "--url", url, token=token)
+    assert forced.returncode == EXIT_OK, forced.stderr
+    assert forced.stdout.strip() == f"deleted {name} v1; current is v2"
+    assert run("tuners", "rm", name, "--force", "--url", url, token=token).returncode == EXIT_USAGE
+    promoted = run("tuners", "promote", name, "2", "--url", url, token=token)
+    assert promoted.returncode == EXIT_OK, promoted.stderr
+    assert promoted.stdout.strip() == f"{name}: current v2; v2 100%"
+    assert run("tuners", "rm", name, "--url", url, token=token).returncode == EXIT_OK
+
+
 def test_predict_table_and_json(live_server: LiveServer, files: Path) -> None:
     live_server.register("cli-cls", (files / "cli-cls.safetensors").read_bytes())
     images = [str(files / "img0.png"), str(files / "img1.png")]

@@ -20,6 +20,7 @@ from clients import (
     RetryPolicy,
     Unauthorized,
     UnknownTask,
+    VersionInUse,
 )
 from restuning.backbone import TorchBackbone
 from tests.fixtures.live_server import LiveServer
@@ -159,6 +160,53 @@ def test_push_list_get_delete(server: LiveServer, tiny_backbone: TorchBackbone) 
         with pytest.raises(UnknownTask) as info_err:
             c.predict(tiny_images(1), name)
         assert info_err.value.task == name
+
+
+def test_a_staged_rollout_with_the_sdk(server: LiveServer, tiny_backbone: TorchBackbone) -> None:
+    """Stage, compare side by side, canary, keep the split on upload, delete, promote."""
+    name = "sdk-rollout"
+    v1, v2, v3 = (artifact(name, tiny_backbone, seed=s) for s in (1, 2, 3))
+    images = tiny_images(2, seed=7)
+    with Client(server.url, admin_token=server.admin_token) as c:
+        assert c.push_tuner(name, v1, promote=False).current  # a first version is live
+        staged = c.push_tuner(name, v2, promote=False)
+        assert (staged.version, staged.created, staged.current) == (2, True, False)
+        assert c.traffic(name).weights == {1: 100}
+        assert c.predict(images, name)[0][name].version == 1
+        both = c.predict(images, f"{name}@1,{name}@2")
+        for result in both:
+            assert list(result.tasks) == [f"{name}@1", f"{name}@2"]
+            assert (result[f"{name}@1"].version, result[f"{name}@2"].version) == (1, 2)
+        split = c.set_traffic(name, {1: 90, 2: 10})
+        assert (split.current, split.weights, split.share(2)) == (1, {1: 90, 2: 10}, 0.1)
+        kept = c.push_tuner(name, v3)  # the default keeps a split in progress
+        assert (kept.version, kept.current) == (3, False)
+        assert c.traffic(name).weights == {1: 90, 2: 10}
+        with pytest.raises(VersionInUse) as in_use:
+            c.delete_version(name, 2)
+        assert (in_use.value.code, in_use.value.status) == ("version_in_use", 409)
+        assert c.delete_version(name, 3).current == 1
+        with pytest.raises(NotFound):
+            c.delete_version(name, 3)
+        promoted = c.promote(name, 2)
+        assert (promoted.current, promoted.weights) == (2, {2: 100})
+        assert c.predict(images, name)[0][name].version == 2
+
+    async def in_async() -> None:
+        async with AsyncClient(server.url, admin_token=server.admin_token) as ac:
+            again = await ac.push_tuner(name, v3, promote=True)
+            assert (again.version, again.current) == (4, True)  # numbers are never reused
+            assert (await ac.set_traffic(name, {2: 50, 4: 50})).weights == {2: 50, 4: 50}
+            assert (await ac.traffic(name)).current == 4
+            with pytest.raises(VersionInUse):
+                await ac.delete_version(name, 2)
+            gone = await ac.delete_version(name, 2, force=True)
+            assert (gone.version, gone.current) == (2, 4)
+            assert (await ac.traffic(name)).weights == {4: 100}
+            assert (await ac.promote(name, 1)).current == 1
+            await ac.delete_tuner(name)
+
+    asyncio.run(in_async())
 
 
 def test_push_from_a_path(server: LiveServer, tiny_backbone: TorchBackbone, tmp_path: Path) -> None:

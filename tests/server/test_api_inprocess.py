@@ -438,6 +438,59 @@ def test_tuner_crud(app_client: TestClient, tiny_backbone: TorchBackbone) -> Non
     assert name not in {t["name"] for t in app_client.get("/v1/tuners").json()["tuners"]}
 
 
+def test_rollout_routes(app_client: TestClient, tiny_backbone: TorchBackbone) -> None:
+    """promote= on upload, per-version delete and its refusals, two versions in one request."""
+    name = "rollout"
+    put = app_client.put(
+        f"/v1/tuners/{name}", content=artifact(name, tiny_backbone, 1), headers=AUTH
+    )
+    assert (put.status_code, put.json()["current"]) == (201, True)
+    staged = app_client.put(
+        f"/v1/tuners/{name}?promote=false",
+        content=artifact(name, tiny_backbone, 2),
+        headers=AUTH,
+    )
+    assert staged.status_code == 201, staged.text
+    assert (staged.json()["version"], staged.json()["current"]) == (2, False)
+    assert app_client.get(f"/v1/tuners/{name}").json()["version"] == 1
+    problem(
+        app_client.put(f"/v1/tuners/{name}?promote=maybe", content=b"x", headers=AUTH),
+        422,
+        "validation_error",
+    )
+    body = app_client.post(
+        "/v1/predict", **multipart(tiny_images(1), tasks=f"{name}@2,{name}@1")
+    ).json()
+    tasks = body["results"][0]["tasks"]
+    assert list(tasks) == [f"{name}@2", f"{name}@1"]
+    assert (tasks[f"{name}@2"]["version"], tasks[f"{name}@1"]["version"]) == (2, 1)
+
+    problem(app_client.delete(f"/v1/tuners/{name}/versions/1", headers=AUTH), 409, "version_in_use")
+    problem(
+        app_client.delete(f"/v1/tuners/{name}/versions/9", headers=AUTH), 404, "version_not_found"
+    )
+    problem(
+        app_client.delete(f"/v1/tuners/{name}/versions/0", headers=AUTH), 422, "validation_error"
+    )
+    problem(
+        app_client.delete(f"/v1/tuners/{name}/versions/{2**40}", headers=AUTH),
+        422,
+        "validation_error",
+    )
+    problem(app_client.delete(f"/v1/tuners/{name}/versions/2"), 401, "unauthorized")
+    problem(app_client.delete("/v1/tuners/nope/versions/1", headers=AUTH), 404, "tuner_not_found")
+    gone = app_client.delete(f"/v1/tuners/{name}/versions/1?force=true", headers=AUTH)
+    assert gone.status_code == 200, gone.text
+    assert gone.json() == {"name": name, "version": 1, "deleted": True, "current": 2}
+    assert [v["version"] for v in app_client.get(f"/v1/tuners/{name}").json()["versions"]] == [2]
+    problem(
+        app_client.post("/v1/predict", **multipart(tiny_images(1), tasks=f"{name}@1")),
+        404,
+        "unknown_version",
+    )
+    assert app_client.delete(f"/v1/tuners/{name}", headers=AUTH).status_code == 200
+
+
 def test_admin_auth(app_client: TestClient, tiny_backbone: TorchBackbone) -> None:
     data = artifact("authed", tiny_backbone)
     missing = app_client.put("/v1/tuners/authed", content=data)

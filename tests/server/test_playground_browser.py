@@ -125,3 +125,26 @@ def test_upload_form_registers_without_reload(
     pg.wait_for_selector('#tuners tbody th:text-is("pg-uploaded")')  # type: ignore[attr-defined]
     assert pg.locator('#task-list input[value="pg-uploaded"]').count() == 1  # type: ignore[attr-defined]
     assert "Registered pg-uploaded v1" in pg.inner_text("#upload-status")  # type: ignore[attr-defined]
+
+
+def test_versions_and_split_are_shown(
+    live_server: LiveServer, tiny_backbone: TorchBackbone, page: object
+) -> None:
+    name = "pg-canary"
+    for seed in (5, 6, 7):
+        register(live_server, tiny_backbone, name, "classification", seed=seed)
+    split = httpx.put(
+        f"{live_server.url}/v1/tuners/{name}/traffic",
+        json={"traffic": {"2": 90, "3": 10}},
+        headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"},
+    )
+    assert split.status_code == 200, split.text
+
+    pg = page
+    pg.goto(live_server.url + "/")  # type: ignore[attr-defined]
+    cell = f'td.versions[data-tuner="{name}"]'
+    pg.wait_for_selector(f"{cell} .split")  # type: ignore[attr-defined]
+    text = pg.inner_text(cell)  # type: ignore[attr-defined]
+    assert "v3 (current)" in text
+    assert "v1 (no traffic)" in text
+    assert "split: v2 90% · v3 10%" in text

@@ -48,6 +48,7 @@ LISTINGS = {
 }
 WRITES = [("PUT", "/v1/tuners/{name}"), ("DELETE", "/v1/tuners/{name}")]
 WRITES.append(("PUT", "/v1/tuners/{name}/traffic"))
+WRITES.append(("DELETE", "/v1/tuners/{name}/versions/{version}"))
 # Loading and unloading change what the replica holds: writers only, like the rest.
 WRITES += [("POST", f"/v2/repository/models/{{task}}/{action}") for action in ("load", "unload")]
 IMAGE = tiny_images(1, seed=2)[0]
@@ -177,6 +178,7 @@ def test_every_tenant_route_is_covered() -> None:
         ("GET", "/v1/tuners/{name}"),
         ("PUT", "/v1/tuners/{name}"),
         ("DELETE", "/v1/tuners/{name}"),
+        ("DELETE", "/v1/tuners/{name}/versions/{version}"),
         ("GET", "/v1/tuners/{name}/traffic"),
         ("PUT", "/v1/tuners/{name}/traffic"),
         ("POST", "/v1/predict"),
@@ -252,6 +254,15 @@ def test_the_owning_tenant_is_served(
             client, "PUT", "/v1/tuners/{name}", name, bearer("acme-writer"), tiny_backbone
         )
         assert created.status_code in (200, 201), created.text
+    if template.endswith("/versions/{version}") and method == "DELETE":
+        name = "acme/pruned"  # version 1 of it, once version 2 is current
+        for seed in (9, 10):
+            created = client.put(
+                f"/v1/tuners/{name}",
+                content=artifact(name, tiny_backbone, seed),
+                headers={**bearer("acme-writer"), "Content-Type": "application/octet-stream"},
+            )
+            assert created.status_code == 201, created.text
     if template.endswith("/ready"):  # 200 needs the version loaded
         client.post(f"/v2/repository/models/{OWN}/load", headers=bearer("acme-writer"))
         client.get(f"/v2/models/{OWN}/versions/1", headers=bearer("acme-writer"))

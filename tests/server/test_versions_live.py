@@ -125,6 +125,58 @@ def test_canary_split_rollback_and_what_it_reports(
     assert set(versions_for(client, images[:16], name)) == {3}
 
 
+@pytest.mark.redis
+def test_a_rollout_across_two_replicas_on_redis(
+    live_server_factory: StartServer, clean_redis: str, tiny_backbone: TorchBackbone
+) -> None:
+    """Replica a stages, splits, keeps the split on upload and deletes a version; b follows."""
+    a = live_server_factory(RESTUNE_STORE=clean_redis)
+    b = live_server_factory(RESTUNE_STORE=clean_redis)
+    name = "rollout"
+    admin = a.admin_headers
+    images = noise_pngs(40, seed=3)
+
+    def b_sees(condition: Any) -> None:
+        deadline = time.monotonic() + GUARD_S
+        while not condition():
+            assert time.monotonic() < deadline, "replica b did not follow"
+            time.sleep(0.05)
+
+    with a.client() as ca, b.client() as cb:
+        assert a.register(name, artifact(name, tiny_backbone, 1)).status_code == 201
+        staged = ca.put(
+            f"/v1/tuners/{name}?promote=false",
+            content=artifact(name, tiny_backbone, 2),
+            headers={**admin, "Content-Type": "application/octet-stream"},
+        )
+        assert (staged.status_code, staged.json()["current"]) == (201, False)
+        b_sees(lambda: cb.get(f"/v1/tuners/{name}").status_code == 200)
+        assert set(versions_for(cb, images[:8], name)) == {1}  # staged: no traffic on b either
+        both = cb.post("/v1/predict", **form(images[:1], f"{name}@2,{name}@1")).json()
+        assert [both["results"][0]["tasks"][k]["version"] for k in (f"{name}@2", f"{name}@1")] == [
+            2,
+            1,
+        ]
+
+        split = {"traffic": {"1": 50, "2": 50}}
+        assert ca.put(f"/v1/tuners/{name}/traffic", json=split, headers=admin).status_code == 200
+        kept = a.register(name, artifact(name, tiny_backbone, 3))
+        assert (kept.status_code, kept.json()["current"]) == (201, False)
+        b_sees(lambda: cb.get(f"/v1/tuners/{name}/traffic").json()["traffic"] == split["traffic"])
+        on_b = versions_for(cb, images, name)
+        assert set(on_b) == {1, 2}
+        assert versions_for(ca, images, name) == on_b  # the same image, the same version
+
+        refused = ca.delete(f"/v1/tuners/{name}/versions/1", headers=admin)
+        assert (refused.status_code, refused.json()["code"]) == (409, "version_in_use")
+        forced = ca.delete(f"/v1/tuners/{name}/versions/1?force=true", headers=admin)
+        assert forced.json() == {"name": name, "version": 1, "deleted": True, "current": 2}
+        b_sees(lambda: cb.get(f"/v1/tuners/{name}/traffic").json()["traffic"] == {"2": 100})
+        assert set(versions_for(cb, images[:8], name)) == {2}
+        gone = cb.post("/v1/predict", **form(images[:1], f"{name}@1"))
+        assert (gone.status_code, gone.json()["code"]) == (404, "unknown_version")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

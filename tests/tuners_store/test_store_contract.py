@@ -17,6 +17,7 @@ from tuners_store import (
     StoreEvent,
     TunerNotFound,
     TunerStore,
+    VersionInUse,
     VersionNotFound,
 )
 from tuners_store.artifact import ArtifactError, validate_artifact
@@ -105,12 +106,77 @@ def test_traffic(new_store: StoreFactory) -> None:
             await s.set_traffic("dogs", {1: 1})
         with pytest.raises(TunerNotFound):
             await s.get_traffic("dogs")
-        # Rollback and new uploads end a canary.
+        # Rollback and promoting uploads end a canary.
         await s.set_current("cats", 1)
         assert await s.get_traffic("cats") == {1: 100}
         await s.set_traffic("cats", {1: 50, 2: 50})
-        await s.put("cats", A3)
+        await s.put("cats", A3, promote=True)
         assert await s.get_traffic("cats") == {3: 100}
+
+    run(new_store, body)
+
+
+def test_upload_promotion(new_store: StoreFactory) -> None:
+    async def body(s: TunerStore) -> None:
+        # The first version of a name is current even when asked not to promote.
+        first = await s.put("cats", A1, promote=False)
+        assert (first.created, first.current) == (True, True)
+        staged = await s.put("cats", A2, promote=False)
+        assert (staged.created, staged.current, staged.info.version) == (True, False, 2)
+        assert (await s.get("cats")).info.version == 1
+        assert [v.version for v in await s.versions("cats")] == [1, 2]
+        assert (await s.get("cats", 2)).data == A2
+        # Identical bytes without promotion change nothing either.
+        again = await s.put("cats", A2, promote=False)
+        assert (again.created, again.current) == (False, False)
+        assert (await s.list())["cats"].version == 1
+        # The default promotes while no split is set...
+        assert (await s.put("cats", A2)).current
+        assert (await s.get("cats")).info.version == 2
+        # ... and keeps a split (and the current version) when one is set.
+        await s.set_traffic("cats", {1: 90, 2: 10})
+        kept = await s.put("cats", A3)
+        assert (kept.created, kept.current, kept.info.version) == (True, False, 3)
+        assert await s.get_traffic("cats") == {1: 90, 2: 10}
+        assert (await s.get("cats")).info.version == 2
+        # Asked to, it promotes and clears the split.
+        forced = await s.put("cats", A3, promote=True)
+        assert (forced.created, forced.current) == (False, True)
+        assert await s.get_traffic("cats") == {3: 100}
+
+    run(new_store, body)
+
+
+def test_delete_one_version(new_store: StoreFactory) -> None:
+    async def body(s: TunerStore) -> None:
+        for blob in (A1, A2, A3):
+            await s.put("cats", blob)
+        # Current (3) and the only-version rule are refused without force.
+        with pytest.raises(VersionInUse) as refused:
+            await s.delete_version("cats", 3)
+        assert refused.value.code == "version_in_use"
+        assert (await s.delete_version("cats", 1)).version == 3
+        assert [v.version for v in await s.versions("cats")] == [2, 3]
+        with pytest.raises(VersionNotFound):
+            await s.get("cats", 1)
+        with pytest.raises(VersionNotFound):
+            await s.delete_version("cats", 1)
+        # A version in the split needs force; forced, the split collapses to what is left.
+        await s.set_traffic("cats", {2: 90, 3: 10})
+        with pytest.raises(VersionInUse):
+            await s.delete_version("cats", 2)
+        assert (await s.delete_version("cats", 2, force=True)).version == 3
+        assert await s.get_traffic("cats") == {3: 100}
+        with pytest.raises(VersionInUse):
+            await s.delete_version("cats", 3, force=True)  # the only version
+        # Forcing out the current version makes the newest remaining one current; the
+        # deleted bytes are a new version if uploaded again (numbers never reused).
+        assert (await s.put("cats", A1)).info.version == 4
+        assert (await s.delete_version("cats", 4, force=True)).version == 3
+        assert (await s.get("cats")).data == A3
+        assert (await s.put("cats", A1, promote=False)).info.version == 5
+        with pytest.raises(TunerNotFound):
+            await s.delete_version("dogs", 1)
 
     run(new_store, body)
 
@@ -247,6 +313,9 @@ def test_watch_reports_changes(new_store: StoreFactory) -> None:
             await writer.set_current("cats", 2)
             assert await _next(events) == StoreEvent("current", "cats", 2)
             assert await _next(events) == StoreEvent("traffic", "cats")
+            await writer.put("cats", A3, promote=False)
+            await writer.delete_version("cats", 1)
+            assert await _next(events) == StoreEvent("version_delete", "cats", 1)
             await writer.delete("cats")
             assert await _next(events) == StoreEvent("delete", "cats")
             await events.aclose()  # type: ignore[attr-defined]

@@ -313,8 +313,11 @@ def test_canary_split_picks_by_image_digest(
             again = [(await reg.resolve("pets", None, d)).version for d in digests]
             assert picked == again
             assert (await reg.resolve("pets")).version == 2  # no digest: the current one
-            await reg.register("pets", artifact("pets", seed=3))  # a put clears the split
+            await reg.register("pets", artifact("pets", seed=3))  # the default keeps a split
+            assert reg.has_split("pets")
+            await reg.register("pets", artifact("pets", seed=4), promote=True)  # this ends it
             assert not reg.has_split("pets")
+            assert reg.is_current("pets", 4)
 
     run(main())
 

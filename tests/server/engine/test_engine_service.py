@@ -81,11 +81,43 @@ def test_predict_body(
     assert timing["total_ms"] >= timing["backbone_ms"]
 
 
+def test_two_versions_of_one_task_side_by_side(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    """``pets@1,pets@2`` answers both, keyed as written; each equals the version asked alone."""
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with running(settings, runtime) as svc:
+            await svc.registry.register("pets", artifact("pets", seed=1))
+            await svc.registry.register("pets", artifact("pets", seed=2))
+            await svc.registry.register("ages", artifact("ages", task="regression"))
+            images = tiny_images(3)
+            runtime.calls.clear()
+            both = await svc.predict(images, refs("pets@1", "ages", "pets@2"), 2)
+            # Two batch items per image, one backbone forward per image: the second item's
+            # features are the first's (same pixels, same digest).
+            assert sum(shape[0] for _, shape in runtime.calls) == 3, runtime.calls
+            one = await svc.predict(images, refs("pets@1"), 2)
+            two = await svc.predict(images, refs("pets"), 2)
+            return both, one, two
+
+    both, one, two = asyncio.run(main())
+    for result, alone1, alone2 in zip(both["results"], one["results"], two["results"], strict=True):
+        tasks = result["tasks"]
+        assert list(tasks) == ["pets@1", "ages", "pets@2"]  # the request's order, as written
+        assert (tasks["pets@1"]["version"], tasks["pets@2"]["version"]) == (1, 2)
+        assert tasks["pets@1"]["sha256"] != tasks["pets@2"]["sha256"]
+        assert answers_close(tasks["pets@1"], alone1["tasks"]["pets"])
+        assert answers_close(tasks["pets@2"], alone2["tasks"]["pets"])
+
+
 @pytest.mark.parametrize(
     ("tasks", "n_images", "code"),
     [
         ([], 1, "no_tasks"),
         (["pets", "pets@1"], 1, "duplicate_task"),
+        (["pets@1", "pets"], 1, "duplicate_task"),
+        (["pets@1", "pets@1"], 1, "duplicate_task"),
         ([f"t{i}" for i in range(5)], 1, "too_many_tasks"),
         (["pets"], 4, "too_many_images"),
         (["pets", "nope"], 1, "unknown_task"),

@@ -453,6 +453,74 @@ def test_another_replica_follows_a_split_on_redis(
     follow_a_split(settings.model_copy(update={"store": clean_redis}), runtime, artifact)
 
 
+def roll_out(settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory) -> None:
+    """Staged uploads, a split an upload keeps, per-version deletes; replica b follows a."""
+
+    async def main() -> None:
+        async with open_registry(settings, runtime) as a, open_registry(settings, runtime) as b:
+            await a.register("pets", artifact("pets", seed=1), promote=False)
+            assert a.is_current("pets", 1)  # a first version is always live
+            info, created = await a.register("pets", artifact("pets", seed=2), promote=False)
+            assert (info.version, created) == (2, True)
+            assert a.is_loaded("pets", 2)  # stored and loaded, ...
+            assert a.is_current("pets", 1)  # ... but not serving plain requests
+            assert (await a.resolve("pets", None, "ab" * 32)).version == 1
+            assert (await a.resolve("pets", 2)).version == 2  # pinned works at once
+            await a.set_traffic("pets", {1: 90, 2: 10})
+            # The default upload keeps a split in progress; promote=True ends it.
+            info, _ = await a.register("pets", artifact("pets", seed=3))
+            assert (info.version, a.traffic("pets"), a.is_current("pets", 1)) == (
+                3,
+                {1: 90, 2: 10},
+                True,
+            )
+            # b may not have read the name yet: its traffic is then unknown, not wrong.
+            await eventually(lambda: _true(b.known("pets") and b.traffic("pets") == {1: 90, 2: 10}))
+            # Deleting a version in the split or the current one needs force: 409.
+            for version in (1, 2):
+                with pytest.raises(ApiError) as err:
+                    await a.delete_version("pets", version)
+                assert (err.value.code, err.value.status) == ("version_in_use", 409)
+            assert await a.delete_version("pets", 3)  # in no split, not current
+            with pytest.raises(ApiError) as err:
+                await a.resolve("pets", 3)
+            assert err.value.code == "unknown_version"
+            # Forced out of the split: v2 alone is left with weight, so it is current.
+            await a.delete_version("pets", 1, force=True)
+            assert (a.current("pets").version, a.traffic("pets")) == (2, {2: 100})  # type: ignore[union-attr]
+            assert not a.is_loaded("pets", 1)
+            await eventually(lambda: _true(b.current("pets").version == 2))  # type: ignore[union-attr]
+            await eventually(lambda: _true(not b.is_loaded("pets", 1)))
+            await eventually(lambda: _true(not b.has_split("pets")))
+            with pytest.raises(ApiError) as err:
+                await b.resolve("pets", 1)
+            assert err.value.code == "unknown_version"
+            with pytest.raises(ApiError) as err:
+                await a.delete_version("pets", 2, force=True)  # the only version
+            assert err.value.code == "version_in_use"
+            with pytest.raises(ApiError) as err:
+                await a.delete_version("pets", 9)
+            assert err.value.code == "version_not_found"
+            with pytest.raises(ApiError) as err:
+                await a.delete_version("nope", 1)
+            assert err.value.code == "tuner_not_found"
+
+    asyncio.run(main())
+
+
+def test_staged_uploads_and_per_version_deletes(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory
+) -> None:
+    roll_out(settings, runtime, artifact)
+
+
+@pytest.mark.redis
+def test_staged_uploads_and_per_version_deletes_on_redis(
+    settings: Settings, runtime: RecordingRuntime, artifact: ArtifactFactory, clean_redis: str
+) -> None:
+    roll_out(settings.model_copy(update={"store": clean_redis}), runtime, artifact)
+
+
 # --- metrics per version --------------------------------------------------------------------
 
 
