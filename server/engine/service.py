@@ -27,7 +27,7 @@ from server.engine.loaded_tuner import LoadedTuner
 from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
 from server.engine.runtime import Backbone, load_backbone_runtime
 from server.errors import ApiError
-from server.metrics import Metrics
+from server.metrics import Metrics, TaskResult
 from server.settings import Settings
 from tuners_store import TunerStore, open_store
 
@@ -384,6 +384,7 @@ class InferenceService:
             results.append({"image": index, "tasks": answers})
         self.registry.count_answers(answered)
         self.metrics.count_answers(answered)
+        self._record_tasks(tasks, per_image, by_image, loop.time() - started)
         batches = {c.batch.batch_id: c.batch for c in completed}.values()
         timing = {
             "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
@@ -394,6 +395,32 @@ class InferenceService:
             "cache_hits": sum(1 for c in completed if c.output.cache_hit),
         }
         return {"results": results, "backbone": self.backbone_info(), "timing": timing}
+
+    def _record_tasks(
+        self,
+        tasks: list[TaskRef],
+        per_image: list[dict[str, _Plan]],
+        by_image: dict[int, Completed],
+        total_s: float,
+    ) -> None:
+        """Per-task success, failure and timing of every image's answers (the per-task
+        latency series and the protocol's statistics extension)."""
+        for index, plans in enumerate(per_image):
+            done = by_image.get(index)
+            for ref in tasks:
+                plan = plans[ref.name]
+                version = plan.version if isinstance(plan, LoadedTuner) else None
+                answer = done.output.answers.get(ref.name, {}) if done is not None else {}
+                ok = done is not None and "error" not in answer
+                queue_s = done.queue_ms / 1000.0 if done is not None else 0.0
+                compute_s = (
+                    (done.batch.backbone_ms + done.batch.fanout_ms) / 1000.0
+                    if done is not None
+                    else 0.0
+                )
+                self.metrics.record_task(
+                    ref.name, version, TaskResult(ok, total_s, queue_s, compute_s)
+                )
 
     async def _tuners_for(
         self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str, lease: LeaseSet
