@@ -184,7 +184,7 @@ def test_pinned_version_and_classification_extension(
     assert [float(t[0]) for t in top] == pytest.approx([x["score"] for x in v1[:2]], rel=1e-5)  # type: ignore[index]
     assert [int(t[1]) for t in top] == [["cat", "dog", "bird"].index(t[2]) for t in top]
     v2 = v1_answers(server, "oip-cls@2", IMAGES[:1])[0]["labels"]
-    assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index]
+    assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index,attr-defined]
 
 
 def test_repository_load_unload(
