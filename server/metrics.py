@@ -210,8 +210,8 @@ class Metrics:
         )
         self.task_duration = Histogram(
             "restune_task_duration_seconds",
-            "Time from a request's arrival at the service to its answers, once per task "
-            "answered (capped, rest 'other').",
+            "Time from a request's arrival at the service to its answers: one sample per "
+            "answer (image and task), errors included, by task (capped, rest 'other').",
             ["task"],
             buckets=TASK_LATENCY_BUCKETS,
             registry=r,
@@ -295,15 +295,19 @@ class Metrics:
             task_value, version_value = self.version_label(task, version)
             self.answers.labels(task=task_value, version=version_value).inc(n)
 
-    def record_task(self, task: str, version: int | None, result: TaskResult) -> None:
-        """One image's answer of ``task`` (``version``: None when no version ran it): the
+    def record_task(self, task: str, version: int | None, tally: TaskTally) -> None:
+        """One request's answers of ``task`` by ``version`` (None: no version ran them): the
         per-task Prometheus series and the protocol's per-version statistics."""
         label = self.task_label(task)
-        if result.ok:
-            self.task_successes.labels(task=label).inc()
-        self.task_duration.labels(task=label).observe(result.total_s)
+        if tally.ok:
+            self.task_successes.labels(task=label).inc(tally.ok)
+        # One sample per answer, so the histogram's count is the task's answers (the
+        # denominator of its failure ratio); every answer of a request took its total time.
+        duration = self.task_duration.labels(task=label)
+        for _ in range(tally.ok + tally.failed):
+            duration.observe(tally.total_s)
         if version is not None:
-            self.stats.record(task, version, result)
+            self.stats.record(task, version, tally)
 
     def watch_tuners(self, state: Callable[[], TunerState]) -> None:
         """Export where each tuner version lives and the canary weights from ``state()``,
@@ -428,17 +432,19 @@ class TunerStateCollector(Collector):
         )
 
 
-@dataclass(frozen=True)
-class TaskResult:
-    """How one image's answer of one task went, as the per-task statistics count it."""
+@dataclass
+class TaskTally:
+    """How one request's answers of one task version went."""
 
-    ok: bool
     total_s: float
-    """From the request's arrival at the service to its answers."""
-    queue_s: float
-    """Waiting in the batcher queue."""
-    compute_s: float
-    """The engine's time on the batch that held the image (backbone and fan-out)."""
+    """From the request's arrival at the service to its answers (the same for each)."""
+    ok: int = 0
+    failed: int = 0
+    queue_s: float = 0.0
+    """Summed over the successful answers: time in the batcher queue."""
+    compute_s: float = 0.0
+    """Summed over the successful answers: the engine's time on each one's batch (backbone
+    and fan-out)."""
 
 
 @dataclass
@@ -448,8 +454,8 @@ class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, seconds: float) -> None:
-        self.count += 1
+    def add(self, count: int, seconds: float) -> None:
+        self.count += count
         self.ns += max(0, round(seconds * 1e9))
 
     def as_json(self) -> dict[str, int]:
@@ -482,7 +488,7 @@ class InferenceStats:
         self._stats: dict[tuple[str, int], VersionStats] = {}
         self._lock = threading.Lock()
 
-    def record(self, task: str, version: int, result: TaskResult) -> None:
+    def record(self, task: str, version: int, tally: TaskTally) -> None:
         key = (task, version)
         with self._lock:
             stats = self._stats.get(key)
@@ -490,10 +496,10 @@ class InferenceStats:
                 if len(self._stats) >= self._max:
                     return
                 stats = self._stats[key] = VersionStats()
-            (stats.success if result.ok else stats.fail).add(result.total_s)
-            if result.ok:
-                stats.queue.add(result.queue_s)
-                stats.compute.add(result.compute_s)
+            stats.success.add(tally.ok, tally.ok * tally.total_s)
+            stats.fail.add(tally.failed, tally.failed * tally.total_s)
+            stats.queue.add(tally.ok, tally.queue_s)
+            stats.compute.add(tally.ok, tally.compute_s)
             stats.last_inference_ms = int(time.time() * 1000)
 
     def get(self, task: str, version: int) -> VersionStats:

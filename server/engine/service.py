@@ -27,7 +27,7 @@ from server.engine.loaded_tuner import LoadedTuner
 from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
 from server.engine.runtime import Backbone, load_backbone_runtime
 from server.errors import ApiError
-from server.metrics import Metrics, TaskResult
+from server.metrics import Metrics, TaskTally
 from server.settings import Settings
 from tuners_store import TunerStore, open_store
 
@@ -403,24 +403,25 @@ class InferenceService:
         by_image: dict[int, Completed],
         total_s: float,
     ) -> None:
-        """Per-task success, failure and timing of every image's answers (the per-task
-        latency series and the protocol's statistics extension)."""
+        """Per-task success, failure and timing of the request's answers (the per-task
+        latency series and the protocol's statistics), tallied per task version first."""
+        tallies: dict[tuple[str, int | None], TaskTally] = {}
         for index, plans in enumerate(per_image):
             done = by_image.get(index)
             for ref in tasks:
                 plan = plans[ref.name]
                 version = plan.version if isinstance(plan, LoadedTuner) else None
-                answer = done.output.answers.get(ref.name, {}) if done is not None else {}
-                ok = done is not None and "error" not in answer
-                queue_s = done.queue_ms / 1000.0 if done is not None else 0.0
-                compute_s = (
-                    (done.batch.backbone_ms + done.batch.fanout_ms) / 1000.0
-                    if done is not None
-                    else 0.0
-                )
-                self.metrics.record_task(
-                    ref.name, version, TaskResult(ok, total_s, queue_s, compute_s)
-                )
+                tally = tallies.get((ref.name, version))
+                if tally is None:
+                    tally = tallies[(ref.name, version)] = TaskTally(total_s)
+                if done is None or "error" in done.output.answers.get(ref.name, {}):
+                    tally.failed += 1
+                    continue
+                tally.ok += 1
+                tally.queue_s += done.queue_ms / 1000.0
+                tally.compute_s += (done.batch.backbone_ms + done.batch.fanout_ms) / 1000.0
+        for (name, version), tally in tallies.items():
+            self.metrics.record_task(name, version, tally)
 
     async def _tuners_for(
         self, tasks: list[TaskRef], plans: dict[str, _Plan], digest: str, lease: LeaseSet
