@@ -24,7 +24,9 @@ Standard clients (``tritonclient.http``, the KServe SDK) work unchanged:
 
 A plain task name is served by its current version (canary traffic splits apply to
 ``/v1/predict`` only), so every answer names one ``model_version``. Errors use the protocol's
-``{"error": "..."}`` body with the HTTP status of the project's error code.
+``{"error": "..."}`` body with the HTTP status of the project's error code; so does every
+refusal of a ``/v2`` path made outside these routes (unknown path, method, body limit, rate
+limit: :func:`server.problems.problem_response`).
 
 With tenants on, a model is ``tenant/name`` (``/v2/models/acme/age/infer``; standard clients
 keep the ``/`` of a model name) and every model and repository route needs a token of that
@@ -96,8 +98,10 @@ _STATUS_TEXT = {
     401: "No bearer token (tenants on)",
     403: "The token's tenant does not own the task",
     404: "Unknown task or version",
-    408: "The request's headers or body arrived too slowly (problem+json, `request_timeout`)",
-    413: "Over the body limit, or a JSON header over the JSON limits (send tensors in binary)",
+    408: "The request's body arrived too slowly",
+    413: "Over the body limit (decompressed, for a gzip or deflate body), or a JSON header "
+    "over the JSON limits (send tensors in binary)",
+    415: "A Content-Encoding other than gzip or deflate",
     422: "An image could not be decoded",
     429: "Over the tenant's request rate (Retry-After)",
     500: "Internal error",
@@ -672,7 +676,7 @@ async def _infer(
 @router.post(
     "/models/{task:tuner}/infer",
     summary="Inference",
-    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504),
 )
 async def infer(
     task: str,
@@ -690,7 +694,7 @@ async def infer(
 @router.post(
     "/models/{task:tuner}/versions/{version}/infer",
     summary="Inference on a version",
-    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504),
 )
 async def infer_version(
     task: str,
