@@ -10,6 +10,7 @@ registered tuners.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+TASK_LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+"""Coarser than ``LATENCY_BUCKETS``: this histogram has a series per labelled task, and with
+100 labelled tasks each bucket costs about 6 KiB of every scrape (/metrics stays under
+128 KiB: tests/server/test_metrics_bounds.py). The request latency keeps the fine buckets."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TASK_BUCKETS = (1, 2, 4, 8, 16, 19, 32, 64, 128, 256, 1024)
 
@@ -72,6 +77,13 @@ class Metrics:
             "restune_requests",
             "HTTP requests by route template, method and status.",
             ["route", "method", "status"],
+            registry=r,
+        )
+        self.probe_requests = Counter(
+            "restune_probe_requests",
+            "Health probes, metric scrapes and static files by route template and status: "
+            "kept out of restune_requests so they never dilute its rate or error ratio.",
+            ["route", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -189,6 +201,21 @@ class Metrics:
             ["task", "reason"],
             registry=r,
         )
+        self.task_successes = Counter(
+            "restune_task_successes",
+            "Per-image task answers that succeeded, by task (capped, rest 'other'): the "
+            "denominator beside restune_task_failures_total.",
+            ["task"],
+            registry=r,
+        )
+        self.task_duration = Histogram(
+            "restune_task_duration_seconds",
+            "Time from a request's arrival at the service to its answers: one sample per "
+            "answer (image and task), errors included, by task (capped, rest 'other').",
+            ["task"],
+            buckets=TASK_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.unload_drain_timeouts = Counter(
             "restune_unload_drain_timeouts",
             "Tuner versions unloaded while requests still held them (the drain bound passed).",
@@ -229,6 +256,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._tuner_state: Callable[[], TunerState] = TunerState
         r.register(TunerStateCollector(self))
+        self.stats = InferenceStats(max_version_labels)
 
     def task_label(self, task: str) -> str:
         """The label value for a task: its name while under the cap, else ``other``.
@@ -266,6 +294,20 @@ class Metrics:
         for (task, version), n in counts.items():
             task_value, version_value = self.version_label(task, version)
             self.answers.labels(task=task_value, version=version_value).inc(n)
+
+    def record_task(self, task: str, version: int | None, tally: TaskTally) -> None:
+        """One request's answers of ``task`` by ``version`` (None: no version ran them): the
+        per-task Prometheus series and the protocol's per-version statistics."""
+        label = self.task_label(task)
+        if tally.ok:
+            self.task_successes.labels(task=label).inc(tally.ok)
+        # One sample per answer, so the histogram's count is the task's answers (the
+        # denominator of its failure ratio); every answer of a request took its total time.
+        duration = self.task_duration.labels(task=label)
+        for _ in range(tally.ok + tally.failed):
+            duration.observe(tally.total_s)
+        if version is not None:
+            self.stats.record(task, version, tally)
 
     def watch_tuners(self, state: Callable[[], TunerState]) -> None:
         """Export where each tuner version lives and the canary weights from ``state()``,
@@ -388,3 +430,93 @@ class TunerStateCollector(Collector):
                 labels=["task", "version"],
             ),
         )
+
+
+@dataclass
+class TaskTally:
+    """How one request's answers of one task version went."""
+
+    total_s: float
+    """From the request's arrival at the service to its answers (the same for each)."""
+    ok: int = 0
+    failed: int = 0
+    queue_s: float = 0.0
+    """Summed over the successful answers: time in the batcher queue."""
+    compute_s: float = 0.0
+    """Summed over the successful answers: the engine's time on each one's batch (backbone
+    and fan-out)."""
+
+
+@dataclass
+class Duration:
+    """A count and the nanoseconds they took together (the protocol's ``{count, ns}``)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, count: int, seconds: float) -> None:
+        self.count += count
+        self.ns += max(0, round(seconds * 1e9))
+
+    def as_json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class VersionStats:
+    """Cumulative statistics of one tuner version since the process started."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    last_inference_ms: int = 0
+    """Unix time of the last answer, in milliseconds (0: none yet)."""
+
+
+class InferenceStats:
+    """Per-version answer statistics for the protocol's statistics extension.
+
+    Bounded like the metric labels: the first ``max_versions`` (task, version) pairs answered
+    are kept; later ones are not recorded (their statistics read as zeros), so memory stays
+    small with any number of tuners. Updated from the event loop and read from it; the lock
+    keeps a copy consistent should a worker thread ever record.
+    """
+
+    def __init__(self, max_versions: int) -> None:
+        self._max = max_versions
+        self._stats: dict[tuple[str, int], VersionStats] = {}
+        self._lock = threading.Lock()
+
+    def record(self, task: str, version: int, tally: TaskTally) -> None:
+        key = (task, version)
+        with self._lock:
+            stats = self._stats.get(key)
+            if stats is None:
+                if len(self._stats) >= self._max:
+                    return
+                stats = self._stats[key] = VersionStats()
+            stats.success.add(tally.ok, tally.ok * tally.total_s)
+            stats.fail.add(tally.failed, tally.failed * tally.total_s)
+            stats.queue.add(tally.ok, tally.queue_s)
+            stats.compute.add(tally.ok, tally.compute_s)
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    def get(self, task: str, version: int) -> VersionStats:
+        """A copy of the statistics of one version (zeros when it has none)."""
+        with self._lock:
+            stats = self._stats.get((task, version))
+            if stats is None:
+                return VersionStats()
+            return VersionStats(
+                Duration(stats.success.count, stats.success.ns),
+                Duration(stats.fail.count, stats.fail.ns),
+                Duration(stats.queue.count, stats.queue.ns),
+                Duration(stats.compute.count, stats.compute.ns),
+                stats.last_inference_ms,
+            )
+
+    def versions(self, task: str) -> list[int]:
+        """The versions of ``task`` that have statistics."""
+        with self._lock:
+            return sorted(v for t, v in self._stats if t == task)

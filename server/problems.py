@@ -1,4 +1,5 @@
-"""Every error response is built here: :class:`~server.errors.ApiError` -> RFC 9457 problem.
+"""Every error response is built here: :class:`~server.errors.ApiError` -> RFC 9457 problem,
+or the Open Inference Protocol's ``{"error": ...}`` for any path under ``/v2``.
 
 The app installs :func:`install_exception_handlers`; the body-limit middleware, which answers
 before any route runs, uses :func:`problem_response` too, so every refusal has one shape. The
@@ -59,6 +60,16 @@ def request_state(scope: Scope) -> dict[str, Any]:
     return state
 
 
+OIP_PREFIX = "/v2"
+
+
+def is_oip_path(scope: Scope) -> bool:
+    """Whether the request is one of the Open Inference Protocol's (``/v2`` and below), whose
+    errors every refusal answers in the protocol's ``{"error": ...}`` form, matched or not."""
+    path = str(scope.get("path", ""))
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
 def safe_text(text: str, limit: int = MAX_FIELD_CHARS) -> str:
     """``text`` cut to ``limit`` characters, lone surrogates written as ``\\udxxx``.
 
@@ -99,6 +110,16 @@ def problem_response(
     """
     state = request_state(scope)
     state["error_code"] = err.code
+    all_headers = dict(err.headers())
+    if headers:
+        all_headers.update(headers)
+    if is_oip_path(scope):
+        # Open Inference Protocol clients (tritonclient) decode ``{"error": ...}`` only.
+        return JSONResponse(
+            {"error": safe_text(err.detail, MAX_DETAIL_CHARS)},
+            status_code=err.status,
+            headers=all_headers,
+        )
     body = err.problem(instance=scope.get("path"))
     detail = safe_text(str(body.pop("detail", "")), MAX_DETAIL_CHARS)
     body = safe_value(body)
@@ -106,9 +127,6 @@ def problem_response(
     request_id = state.get("request_id")
     if request_id:
         body["request_id"] = request_id
-    all_headers = dict(err.headers())
-    if headers:
-        all_headers.update(headers)
     return JSONResponse(
         body, status_code=err.status, headers=all_headers, media_type=PROBLEM_MEDIA_TYPE
     )

@@ -3,12 +3,19 @@
 Standard clients (``tritonclient.http``, the KServe SDK) work unchanged:
 
 - ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``: server metadata and health.
-- ``GET /v2/models/{task}[/versions/{v}]``: inputs ``image`` (BYTES [-1], encoded image files)
-  or ``pixels`` (FP32 [-1, 3, H, W], preprocessed with the backbone's data config, given in
-  ``parameters.preprocess``); outputs by task kind: ``scores`` (FP32 [-1, C]) and ``labels``
+- ``GET /v2/models/{task}[/versions/{v}]``: input ``image`` (BYTES [-1], encoded image files);
+  infer also takes ``pixels`` in its place (FP32 [-1, 3, H, W], preprocessed with the
+  backbone's data config, given in ``parameters.preprocess``; its spec is
+  ``parameters.pixels_input``, outside ``inputs`` so that a generic client filling every
+  listed input sends one); outputs by task kind: ``scores`` (FP32 [-1, C]) and ``labels``
   (BYTES [-1], top-1) for classification and multilabel, ``values`` (FP32 [-1, C]) for
   regression, ``embedding`` (FP32 [-1, D]) for embeddings.
-- ``GET /v2/models/{task}[/versions/{v}]/ready``: 200 when that version is loaded in memory.
+- ``GET /v2/models/{task}[/versions/{v}]/ready``: 200 when that version can serve (loaded, or
+  registered and loaded by the next request).
+- ``GET /v2/models/{task}[/versions/{v}]/config``: Triton's model configuration (names, data
+  types, dims without the batch dimension, ``max_batch_size``).
+- ``GET /v2/models[/{task}[/versions/{v}]]/stats``: Triton's statistics extension (success,
+  failure, queue and compute counts and nanoseconds per version, since the process started).
 - ``POST /v2/models/{task}[/versions/{v}]/infer``: JSON or the binary tensor extension;
   ``parameters.classification = k`` on ``scores`` returns Triton's ``"score:index:label"``.
 - ``GET|POST /v2/repository/index``, ``POST /v2/repository/models/{task}/load|unload``:
@@ -17,7 +24,9 @@ Standard clients (``tritonclient.http``, the KServe SDK) work unchanged:
 
 A plain task name is served by its current version (canary traffic splits apply to
 ``/v1/predict`` only), so every answer names one ``model_version``. Errors use the protocol's
-``{"error": "..."}`` body with the HTTP status of the project's error code.
+``{"error": "..."}`` body with the HTTP status of the project's error code; so does every
+refusal of a ``/v2`` path made outside these routes (unknown path, method, body limit, rate
+limit: :func:`server.problems.problem_response`).
 
 With tenants on, a model is ``tenant/name`` (``/v2/models/acme/age/infer``; standard clients
 keep the ``/`` of a model name) and every model and repository route needs a token of that
@@ -66,7 +75,13 @@ from tuners_store.config import TunerConfig
 log = logging.getLogger("restune.server")
 
 SERVER_NAME = "restune"
-EXTENSIONS = ["model_repository", "binary_tensor_data", "classification"]
+EXTENSIONS = [
+    "model_repository",
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "statistics",
+]
 PLATFORM = "restune_bypass"
 
 LABEL_KINDS = ("classification", "multilabel")
@@ -83,8 +98,10 @@ _STATUS_TEXT = {
     401: "No bearer token (tenants on)",
     403: "The token's tenant does not own the task",
     404: "Unknown task or version",
-    408: "The request's headers or body arrived too slowly (problem+json, `request_timeout`)",
-    413: "Over the body limit, or a JSON header over the JSON limits (send tensors in binary)",
+    408: "The request's body arrived too slowly",
+    413: "Over the body limit (decompressed, for a gzip or deflate body), or a JSON header "
+    "over the JSON limits (send tensors in binary)",
+    415: "A Content-Encoding other than gzip or deflate",
     422: "An image could not be decoded",
     429: "Over the tenant's request rate (Retry-After)",
     500: "Internal error",
@@ -208,12 +225,14 @@ def _output_specs(config: TunerConfig) -> list[dict[str, Any]]:
     return [{"name": "embedding", "datatype": "FP32", "shape": [-1, c]}]
 
 
-def _input_specs(service: InferenceService) -> list[dict[str, Any]]:
+IMAGE_INPUT: dict[str, Any] = {"name": "image", "datatype": "BYTES", "shape": [-1]}
+"""The one input the metadata lists: a generic client that fills every listed input sends
+this one only. ``pixels`` is accepted in its place (``parameters.pixels_input``)."""
+
+
+def _pixels_spec(service: InferenceService) -> dict[str, Any]:
     size = list(service.preprocess_config()["input_size"])  # [3, H, W]
-    return [
-        {"name": "image", "datatype": "BYTES", "shape": [-1]},
-        {"name": "pixels", "datatype": "FP32", "shape": [-1, *size]},
-    ]
+    return {"name": "pixels", "datatype": "FP32", "shape": [-1, *size]}
 
 
 # --- server --------------------------------------------------------------------------------
@@ -251,15 +270,76 @@ async def _metadata(service: InferenceService, task: str, version: str | None) -
         "name": view.name,
         "versions": [str(v) for v in view.versions],
         "platform": PLATFORM,
-        "inputs": _input_specs(service),
+        "inputs": [IMAGE_INPUT],
         "outputs": _output_specs(c),
         "parameters": {
             "version": str(view.version),
+            "pixels_input": _pixels_spec(service),
             "kind": c.task,
             "labels": list(c.labels),
             "preprocess": service.preprocess_config(),
         },
     }
+
+
+def _version_stats(service: InferenceService, task: str, version: int) -> dict[str, Any]:
+    """One version's statistics in Triton's shape (``ModelStatistics``). Only the parts this
+    server measures are non-zero: success and failure (whole answer time), queue (batcher
+    wait) and compute_infer (backbone and fan-out of the image's batch)."""
+    st = service.metrics.stats.get(task, version)
+    zero = {"count": 0, "ns": 0}
+    return {
+        "name": task,
+        "version": str(version),
+        "last_inference": st.last_inference_ms,
+        "inference_count": st.success.count,
+        "execution_count": st.success.count,
+        "inference_stats": {
+            "success": st.success.as_json(),
+            "fail": st.fail.as_json(),
+            "queue": st.queue.as_json(),
+            "compute_input": zero,
+            "compute_infer": st.compute.as_json(),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [],
+    }
+
+
+async def _model_stats(
+    service: InferenceService, task: str, version: str | None
+) -> list[dict[str, Any]]:
+    detail = await service.registry.describe(task)  # 404 for an unknown task
+    registered = {v.version for v in detail.versions}
+    if version is not None:
+        number = _version_number(version)
+        if number not in registered:
+            raise ApiError("unknown_version", f"task {task!r} has no version {number}", task=task)
+        numbers = [number]
+    else:
+        numbers = sorted(registered | set(service.metrics.stats.versions(task)))
+    return [_version_stats(service, task, n) for n in numbers]
+
+
+@router.get(
+    "/models/stats",
+    summary="Statistics of every model",
+    responses=oip_errors(401, 403, 429),
+)
+async def all_model_stats(
+    service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> dict[str, Any]:
+    """Per-version statistics of every task (of the caller's tenant) that has answered."""
+    rows: list[dict[str, Any]] = []
+    for summary in await service.registry.list_tuners():
+        name = summary.info.name
+        if not tenancy.visible(principal, name):
+            continue
+        numbers = set(service.metrics.stats.versions(name)) | {summary.info.version}
+        rows.extend(_version_stats(service, name, n) for n in sorted(numbers))
+    return {"model_stats": rows}
 
 
 @router.get(
@@ -294,10 +374,11 @@ async def _ready(service: InferenceService, task: str, version: str | None) -> R
     if number not in {v.version for v in detail.versions}:
         raise ApiError("unknown_version", f"task {task!r} has no version {number}", task=task)
     if not service.registry.is_loaded(task, number):
-        return oip_error(
-            f"task {task!r} v{number} is registered but not loaded; load it or send a request",
-            503,
-        )
+        # Registered but not in memory: the next request loads it, so it is ready to serve.
+        # A config the store holds but this server cannot load is the exception (not ready).
+        config_problem = service.registry.config_error(detail.summary.info)
+        if number == detail.summary.info.version and config_problem is not None:
+            return oip_error(config_problem.detail, 503)
     return JSONResponse({"name": task, "version": str(number), "ready": True})
 
 
@@ -309,7 +390,8 @@ async def _ready(service: InferenceService, task: str, version: str | None) -> R
 async def model_ready(
     task: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
 ) -> Response:
-    """200 when the task's current version is loaded in memory."""
+    """200 when the task's current version can serve: loaded, or registered and loadable
+    (the next request loads it); 503 when its stored config cannot be loaded."""
     tenancy.check_read(principal, task)
     return await _ready(service, task, None)
 
@@ -322,9 +404,114 @@ async def model_ready(
 async def model_version_ready(
     task: str, version: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
 ) -> Response:
-    """200 when that version is loaded in memory."""
+    """200 when that version is registered and can serve (see the unpinned route)."""
     tenancy.check_read(principal, task)
     return await _ready(service, task, version)
+
+
+# --- configuration and statistics ----------------------------------------------------------
+
+_TRITON_TYPES = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
+
+
+def _config_tensor(spec: dict[str, Any]) -> dict[str, Any]:
+    """A tensor of Triton's model config: dims without the batch dimension; a per-image
+    scalar (``[-1]``) is Triton's ``dims: [1]`` reshaped to ``[]``."""
+    dims = list(spec["shape"][1:])
+    tensor: dict[str, Any] = {
+        "name": spec["name"],
+        "data_type": _TRITON_TYPES[spec["datatype"]],
+        "dims": dims or [1],
+    }
+    if not dims:
+        tensor["reshape"] = {"shape": []}
+    return tensor
+
+
+async def _config(
+    service: InferenceService, max_batch: int, task: str, version: str | None
+) -> dict[str, Any]:
+    view = await model_view(service, task, version)
+    c = view.config
+    return {
+        "name": view.name,
+        "platform": PLATFORM,
+        "backend": SERVER_NAME,
+        "version_policy": {"specific": {"versions": [view.version]}},
+        "max_batch_size": max_batch,
+        "input": [_config_tensor(IMAGE_INPUT)],
+        "output": [_config_tensor(o) for o in _output_specs(c)],
+        "parameters": {
+            "kind": {"string_value": c.task},
+            "labels": {"string_value": ",".join(c.labels)},
+            "pixels_input": {
+                "string_value": "FP32 " + str(_pixels_spec(service)["shape"]).replace(" ", "")
+            },
+        },
+    }
+
+
+@router.get(
+    "/models/{task:tuner}/config",
+    summary="Model configuration",
+    responses=oip_errors(401, 403, 404, 429, 503),
+)
+async def model_config(
+    task: str,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: ReaderDep,
+    tenancy: TenancyDep,
+) -> dict[str, Any]:
+    """The task's current version as Triton's model configuration; ``max_batch_size`` is the
+    most images one request may send."""
+    tenancy.check_read(principal, task)
+    return await _config(service, settings.max_images_per_request, task, None)
+
+
+@router.get(
+    "/models/{task:tuner}/versions/{version}/config",
+    summary="Model version configuration",
+    responses=oip_errors(400, 401, 403, 404, 429, 503),
+)
+async def model_version_config(
+    task: str,
+    version: str,
+    service: ServiceDep,
+    settings: SettingsDep,
+    principal: ReaderDep,
+    tenancy: TenancyDep,
+) -> dict[str, Any]:
+    """A pinned version as Triton's model configuration."""
+    tenancy.check_read(principal, task)
+    return await _config(service, settings.max_images_per_request, task, version)
+
+
+@router.get(
+    "/models/{task:tuner}/stats",
+    summary="Model statistics",
+    responses=oip_errors(401, 403, 404, 429, 503),
+)
+async def model_stats(
+    task: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> dict[str, Any]:
+    """Per-version statistics of a task: every registered version, and any version that
+    answered since the process started."""
+    tenancy.check_read(principal, task)
+    return {"model_stats": await _model_stats(service, task, None)}
+
+
+@router.get(
+    "/models/{task:tuner}/versions/{version}/stats",
+    summary="Model version statistics",
+    responses=oip_errors(400, 401, 403, 404, 429, 503),
+)
+async def model_version_stats(
+    task: str, version: str, service: ServiceDep, principal: ReaderDep, tenancy: TenancyDep
+) -> dict[str, Any]:
+    """Statistics of a pinned version."""
+    tenancy.check_read(principal, task)
+    return {"model_stats": await _model_stats(service, task, version)}
 
 
 # --- inference -----------------------------------------------------------------------------
@@ -489,7 +676,7 @@ async def _infer(
 @router.post(
     "/models/{task:tuner}/infer",
     summary="Inference",
-    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504),
 )
 async def infer(
     task: str,
@@ -507,7 +694,7 @@ async def infer(
 @router.post(
     "/models/{task:tuner}/versions/{version}/infer",
     summary="Inference on a version",
-    responses=oip_errors(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
+    responses=oip_errors(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504),
 )
 async def infer_version(
     task: str,

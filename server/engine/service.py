@@ -28,7 +28,7 @@ from server.engine.loaded_tuner import LoadedTuner
 from server.engine.registry import TunerDetail, TunerRegistry, TunerSummary
 from server.engine.runtime import Backbone, load_backbone_runtime
 from server.errors import ApiError
-from server.metrics import Metrics
+from server.metrics import Metrics, TaskTally
 from server.settings import Settings
 from tuners_store import TunerStore, open_store
 
@@ -422,6 +422,7 @@ class InferenceService:
             results.append({"image": index, "tasks": answers})
         self.registry.count_answers(answered)
         self.metrics.count_answers(answered)
+        self._record_tasks(tasks, per_image, by_image, loop.time() - started)
         batches = {c.batch.batch_id: c.batch for c in completed}.values()
         timing = {
             "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
@@ -432,6 +433,33 @@ class InferenceService:
             "cache_hits": sum(1 for c in completed if c.output.cache_hit),
         }
         return {"results": results, "backbone": self.backbone_info(), "timing": timing}
+
+    def _record_tasks(
+        self,
+        tasks: list[TaskRef],
+        per_image: list[dict[str, _Plan]],
+        by_image: dict[int, Completed],
+        total_s: float,
+    ) -> None:
+        """Per-task success, failure and timing of the request's answers (the per-task
+        latency series and the protocol's statistics), tallied per task version first."""
+        tallies: dict[tuple[str, int | None], TaskTally] = {}
+        for index, plans in enumerate(per_image):
+            done = by_image.get(index)
+            for ref in tasks:
+                plan = plans[ref.name]
+                version = plan.version if isinstance(plan, LoadedTuner) else None
+                tally = tallies.get((ref.name, version))
+                if tally is None:
+                    tally = tallies[(ref.name, version)] = TaskTally(total_s)
+                if done is None or "error" in done.output.answers.get(ref.name, {}):
+                    tally.failed += 1
+                    continue
+                tally.ok += 1
+                tally.queue_s += done.queue_ms / 1000.0
+                tally.compute_s += (done.batch.backbone_ms + done.batch.fanout_ms) / 1000.0
+        for (name, version), tally in tallies.items():
+            self.metrics.record_task(name, version, tally)
 
     async def _tuners_for(
         self,

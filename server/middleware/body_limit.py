@@ -14,11 +14,20 @@ likes otherwise. Past it the route's read fails, the client gets a 408 and the c
 closed. A client that hangs up while sending its body is recorded in the request state
 (``client_disconnected``) so the request is counted as a client's hang-up (499), not a
 server error, whatever the route made of the interruption.
+
+A body sent with ``Content-Encoding: gzip`` or ``deflate`` (``tritonclient`` sends one when
+asked) is decompressed here, incrementally, and the limit applies to the decompressed bytes as
+well as to the bytes on the wire: a small body that inflates past the limit (a zip bomb) is a
+413 after at most the limit's worth of output, never a buffer of its full size. The route sees
+the plain body and no ``Content-Encoding``; a corrupt or truncated stream is a 400
+``validation_error``, any other encoding a 415 ``unsupported_media_type``. Each chunk inflates in
+a worker thread (an inflate of the limit's worth of output takes tens of milliseconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,12 +50,65 @@ LimitFor = Callable[[Scope], BodyLimit]
 """The limit of a request (it may depend on the method and path)."""
 
 
-def _too_large(limit: BodyLimit) -> ApiError:
+def _too_large(limit: BodyLimit, what: str | None = None) -> ApiError:
     return ApiError(
         limit.code,
-        f"{limit.what} exceeds the limit of {limit.max_bytes} bytes",
+        f"{what or limit.what} exceeds the limit of {limit.max_bytes} bytes",
         limit=limit.max_bytes,
     )
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""zlib window settings of the content codings decompressed (``deflate`` is zlib-wrapped, as
+RFC 9110 defines it)."""
+
+
+class _Inflater:
+    """Decompresses one request body chunk by chunk, never past ``max_bytes`` of output."""
+
+    def __init__(self, wbits: int, limit: BodyLimit) -> None:
+        self._z = zlib.decompressobj(wbits)
+        self._limit = limit
+        self._produced = 0
+
+    def feed(self, chunk: bytes, last: bool) -> bytes:
+        """The plain bytes of ``chunk``; raises the 413 once the output passes the limit and
+        a 400 for a corrupt stream, or one that ends before its end marker (``last``)."""
+        room = self._limit.max_bytes - self._produced
+        try:
+            out = self._z.decompress(chunk, room + 1)
+            if len(out) > room or self._z.unconsumed_tail:
+                raise _too_large(self._limit, "decompressed request body")
+            if last:
+                out += self._z.flush()
+        except zlib.error as exc:
+            raise _corrupt(f"the compressed request body is corrupt ({exc})") from None
+        self._produced += len(out)
+        if self._produced > self._limit.max_bytes:
+            raise _too_large(self._limit, "decompressed request body")
+        if last and not self._z.eof:
+            raise _corrupt("the compressed request body ends before its end")
+        return out
+
+
+def _corrupt(detail: str) -> ApiError:
+    return ApiError("validation_error", detail, status=400)
+
+
+def _content_coding(scope: Scope) -> tuple[int | None, ApiError | None]:
+    """(zlib wbits or None for a plain body, the error for a coding not served)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-encoding":
+            coding = value.decode("latin-1").strip().lower()
+            if coding in ("", "identity"):
+                return None, None
+            if coding in _WBITS:
+                return _WBITS[coding], None
+            return None, ApiError(
+                "unsupported_media_type",
+                f"Content-Encoding {coding[:40]!r} is not supported: send gzip, deflate or none",
+            )
+    return None, None
 
 
 def _timed_out(timeout_s: float) -> ApiError:
@@ -82,10 +144,22 @@ class BodyLimitMiddleware:
         body_done = False
         tripped: ApiError | None = None
         replaced = False
+        wbits, refused = _content_coding(scope)
+        inflater = None if wbits is None else _Inflater(wbits, limit)
+        if wbits is not None:
+            # The route reads the plain body: its length is no longer the header's.
+            scope["headers"] = [
+                (k, v)
+                for k, v in scope.get("headers", ())
+                if k not in (b"content-encoding", b"content-length")
+            ]
 
         async def limited_receive() -> Message:
             nonlocal received, tripped, body_done
             if tripped is not None:
+                raise tripped
+            if refused is not None:
+                tripped = refused
                 raise tripped
             if declared is not None and declared > limit.max_bytes:
                 tripped = _too_large(limit)
@@ -106,6 +180,15 @@ class BodyLimitMiddleware:
                     tripped = _too_large(limit)
                     raise tripped
                 body_done = not message.get("more_body", False)
+                if inflater is not None:
+                    try:
+                        plain = await asyncio.to_thread(
+                            inflater.feed, message.get("body", b""), body_done
+                        )
+                    except ApiError as exc:
+                        tripped = exc
+                        raise
+                    message = {**message, "body": plain}
             elif message["type"] == "http.disconnect" and not body_done:
                 request_state(scope)["client_disconnected"] = True
             return message

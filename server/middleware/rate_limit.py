@@ -13,17 +13,15 @@ off, the default tenant's, for every request but the admin's.
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import ApiError
-from server.problems import problem_response, request_state
+from server.problems import problem_response
 from server.tenancy import Tenancy
 
 TENANT_PATHS = ("/v1/", "/v2/models", "/v2/repository")
 """Paths whose requests count against a tenant (the API; not health, metrics or docs)."""
-OIP_PREFIX = "/v2/"
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -58,14 +56,8 @@ class TenantRateLimitMiddleware:
                 await self.tenancy.charge(principal)
         except ApiError as exc:
             _route_for_metrics(scope)
-            if path.startswith(OIP_PREFIX):  # the protocol's own error shape
-                request_state(scope)["error_code"] = exc.code
-                response = JSONResponse(
-                    {"error": exc.detail}, status_code=exc.status, headers=exc.headers()
-                )
-            else:
-                response = problem_response(exc, scope)
-            await response(scope, receive, send)
+            # problem+json, or the protocol's own error shape under /v2.
+            await problem_response(exc, scope)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -4,6 +4,8 @@
   one is made; it is in ``request.state.request_id``, the response header and the access log.
 * Metrics are labelled by the route *template* (``/v1/tuners/{name}``), never the raw path, so
   the label set stays bounded; a path no route matches is ``unmatched``.
+* Probes, scrapes and static files (``PROBE_ROUTES``) are counted apart, in
+  ``restune_probe_requests_total{route,status}``: the request rate and error ratio are the API's.
 * ``restune_rejected_requests_total{reason}`` counts the error code a handler left in the
   request state (see :mod:`server.problems`).
 * A client that hung up while sending its body (:mod:`server.middleware.body_limit` marks
@@ -27,8 +29,13 @@ from server.problems import CLIENT_CLOSED_STATUS, request_state
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 UNMATCHED = "unmatched"
+STATIC = "/static/{path}"
 # Probes and scrapes arrive every few seconds; they are logged at debug level only.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Not API traffic: counted in restune_probe_requests_total, out of the request rate, latency
+# and error ratio that the dashboards and alerts read (a probe every few seconds would dilute a
+# quiet replica's error ratio; the playground's static files would inflate its rate).
+PROBE_ROUTES = QUIET_ROUTES | {"/v2/health/live", "/v2/health/ready", STATIC}
 # A tenant flooding past its rate gets thousands of these a minute: counted in
 # restune_rejected_requests_total{reason="rate_limited"}, logged at debug level only.
 # A hang-up mid-body is the client's doing and says nothing about the server: debug only.
@@ -42,12 +49,14 @@ access_log = logging.getLogger("restune.access")
 def route_template(scope: Scope) -> str:
     """The path template of the route that handled the request, or ``unmatched``.
 
-    Without parameter types: ``/v1/tuners/{name}``, not ``/v1/tuners/{name:tuner}``.
+    Without parameter types: ``/v1/tuners/{name}``, not ``/v1/tuners/{name:tuner}``; every
+    file of the static mount is ``/static/{path}``.
     """
     route = scope.get("route")
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str):
-        return UNMATCHED
+        # The static mount leaves no route in the scope: its files share one label.
+        return STATIC if str(scope.get("path", "")).startswith("/static/") else UNMATCHED
     return path or "/"
 
 
@@ -115,8 +124,11 @@ class RequestContextMiddleware:
         method = str(scope.get("method", ""))
         method_label = method if method in _METHODS else "other"
         m = self.metrics
-        m.requests.labels(route=route, method=method_label, status=str(status)).inc()
-        m.request_duration.labels(route=route).observe(elapsed)
+        if route in PROBE_ROUTES:
+            m.probe_requests.labels(route=route, status=str(status)).inc()
+        else:
+            m.requests.labels(route=route, method=method_label, status=str(status)).inc()
+            m.request_duration.labels(route=route).observe(elapsed)
         code = state.get("error_code")
         if isinstance(code, str):
             m.rejected.labels(reason=code).inc()

@@ -7,7 +7,9 @@ door to the same engine, not another engine.
 from __future__ import annotations
 
 import base64
+import gzip
 import io
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -89,10 +91,11 @@ def test_model_metadata(triton_client: triton.InferenceServerClient) -> None:
     meta = triton_client.get_model_metadata("oip-cls")
     assert meta["name"] == "oip-cls"
     assert meta["versions"] == ["1", "2"]
-    inputs = {i["name"]: i for i in meta["inputs"]}
-    assert inputs["image"] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
-    assert inputs["pixels"]["datatype"] == "FP32"
-    assert inputs["pixels"]["shape"] == [-1, 3, 32, 32]
+    # One input, so a client that fills every listed input sends one; pixels are documented
+    # beside it as the accepted alternative.
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    pixels = meta["parameters"]["pixels_input"]
+    assert pixels == {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
     outputs = {o["name"]: o for o in meta["outputs"]}
     assert outputs["scores"]["shape"] == [-1, 3]
     assert outputs["labels"]["datatype"] == "BYTES"
@@ -181,7 +184,7 @@ def test_pinned_version_and_classification_extension(
     assert [float(t[0]) for t in top] == pytest.approx([x["score"] for x in v1[:2]], rel=1e-5)  # type: ignore[index]
     assert [int(t[1]) for t in top] == [["cat", "dog", "bird"].index(t[2]) for t in top]
     v2 = v1_answers(server, "oip-cls@2", IMAGES[:1])[0]["labels"]
-    assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index]
+    assert [x["score"] for x in v1] != pytest.approx([x["score"] for x in v2])  # type: ignore[index,attr-defined]
 
 
 def test_repository_load_unload(
@@ -193,13 +196,25 @@ def test_repository_load_unload(
     assert index["oip-cls"]["version"] == "2"
     assert triton_client.is_model_ready("oip-reg")
     # Load and unload take a writer or admin token; the reads around them do not.
+    with pytest.raises(InferenceServerException) as no_token:
+        triton_client.unload_model("oip-reg")
+    assert no_token.value.status() == "401"
+    with pytest.raises(InferenceServerException) as bad_token:
+        triton_client.unload_model("oip-reg", headers={"Authorization": "Bearer wrong"})
+    assert bad_token.value.status() in ("401", "403")
     triton_client.unload_model("oip-reg", headers=server.admin_headers)
-    assert not triton_client.is_model_ready("oip-reg")
     index = {m["name"]: m for m in triton_client.get_model_repository_index()}
-    assert index["oip-reg"]["state"] == "UNAVAILABLE"  # still registered
+    assert index["oip-reg"]["state"] == "UNAVAILABLE"  # still registered, not in memory
+    # Ready all the same: the next request loads it (a 503 here would page the on-call).
+    assert triton_client.is_model_ready("oip-reg")
+    result = triton_client.infer("oip-reg", [image_input(IMAGES[:1], True)])
+    assert result.as_numpy("values").shape == (1, 2)
+    triton_client.unload_model("oip-reg", headers=server.admin_headers)
     triton_client.load_model("oip-reg", headers=server.admin_headers)
     assert triton_client.is_model_ready("oip-reg")
     assert triton_client.is_model_ready("oip-cls", model_version="2")
+    assert triton_client.is_model_ready("oip-cls", model_version="1")
+    assert not triton_client.is_model_ready("oip-cls", model_version="9")
 
 
 def test_errors_use_the_protocol_shape(triton_client: triton.InferenceServerClient) -> None:
@@ -219,3 +234,151 @@ def test_errors_use_the_protocol_shape(triton_client: triton.InferenceServerClie
         triton_client.get_model_metadata("oip-cls", model_version="9")
     assert bad_version.value.status() == "404"
     assert not triton_client.is_model_ready("oip-nope")
+
+
+def test_generic_client_fills_every_listed_input(
+    server: LiveServer, triton_client: triton.InferenceServerClient
+) -> None:
+    """A client that builds its request from the metadata alone (one tensor per listed input,
+    every listed output) gets the /v1 answer."""
+    meta = triton_client.get_model_metadata("oip-cls")
+    inputs = []
+    for spec in meta["inputs"]:
+        assert spec["datatype"] == "BYTES"
+        inputs.append(image_input(IMAGES, binary=True))
+    outputs = [triton.InferRequestedOutput(o["name"]) for o in meta["outputs"]]
+    result = triton_client.infer("oip-cls", inputs, outputs=outputs)
+    v1 = v1_answers(server, "oip-cls", IMAGES)
+    np.testing.assert_allclose(
+        result.as_numpy("scores"), score_rows(v1, ["cat", "dog", "bird"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_model_config(triton_client: triton.InferenceServerClient) -> None:
+    config = triton_client.get_model_config("oip-cls")
+    assert config["name"] == "oip-cls"
+    assert config["max_batch_size"] == 8  # the live server's images per request
+    assert config["input"] == [
+        {"name": "image", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
+    ]
+    outputs = {o["name"]: o for o in config["output"]}
+    assert outputs["scores"]["data_type"] == "TYPE_FP32"
+    assert outputs["scores"]["dims"] == [3]
+    assert outputs["labels"]["data_type"] == "TYPE_STRING"
+    assert config["parameters"]["labels"] == {"string_value": "cat,dog,bird"}
+    assert config["version_policy"] == {"specific": {"versions": [2]}}
+    emb = triton_client.get_model_config("oip-emb")
+    assert [(o["name"], o["dims"]) for o in emb["output"]] == [("embedding", [6])]
+    pinned = triton_client.get_model_config("oip-cls", model_version="1")
+    assert pinned["version_policy"] == {"specific": {"versions": [1]}}
+    with pytest.raises(InferenceServerException) as unknown:
+        triton_client.get_model_config("oip-nope")
+    assert unknown.value.status() == "404"
+
+
+def _stats(client: triton.InferenceServerClient, model: str, version: str = "") -> dict[str, dict]:  # type: ignore[type-arg]
+    """Version -> its inference_stats, from the statistics extension."""
+    reply = client.get_inference_statistics(model, model_version=version)
+    return {s["version"]: s["inference_stats"] for s in reply["model_stats"]}
+
+
+def test_statistics_count_answers(
+    server: LiveServer, triton_client: triton.InferenceServerClient
+) -> None:
+    before = _stats(triton_client, "oip-ml")["1"]
+    triton_client.infer("oip-ml", [image_input(IMAGES, True)])
+    with pytest.raises(InferenceServerException):  # refused before it reaches the engine
+        triton_client.infer("oip-ml", [image_input([b"not an image"], True)])
+    after = _stats(triton_client, "oip-ml")["1"]
+    assert after["success"]["count"] == before["success"]["count"] + len(IMAGES)
+    assert after["success"]["ns"] > before["success"]["ns"]
+    assert after["queue"]["count"] == after["success"]["count"]
+    assert after["compute_infer"]["count"] == after["success"]["count"]
+    assert after["compute_infer"]["ns"] > before["compute_infer"]["ns"]
+    assert after["fail"]["count"] == before["fail"]["count"]
+    # Every registered version has a row; a pinned version only its own.
+    assert set(_stats(triton_client, "oip-cls")) == {"1", "2"}
+    assert set(_stats(triton_client, "oip-cls", "1")) == {"1"}
+    every = triton_client.get_inference_statistics()
+    assert {s["name"] for s in every["model_stats"]} >= set(TASKS)
+    with pytest.raises(InferenceServerException) as unknown:
+        triton_client.get_inference_statistics("oip-nope")
+    assert unknown.value.status() == "404"
+
+    # The same answers in the per-task Prometheus series.
+    with server.client() as c:
+        text = c.get("/metrics").text
+    assert 'restune_task_successes_total{task="oip-ml"}' in text
+    assert 'restune_task_duration_seconds_count{task="oip-ml"}' in text
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(
+    server: LiveServer, triton_client: triton.InferenceServerClient, algorithm: str
+) -> None:
+    result = triton_client.infer(
+        "oip-cls",
+        [image_input(IMAGES, binary=False)],
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    v1 = v1_answers(server, "oip-cls", IMAGES)
+    np.testing.assert_allclose(
+        result.as_numpy("scores"), score_rows(v1, ["cat", "dog", "bird"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_zip_bomb_and_bad_encodings_answer_in_protocol_shape(server: LiveServer) -> None:
+    """8 MiB of zeros in 8 KiB of gzip against a 2 MiB limit: 413, not a buffer of 8 MiB."""
+    bomb = gzip.compress(b"0" * (8 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 64 * 1024
+    url = "/v2/models/oip-cls/infer"
+    with server.client() as c:
+        big = c.post(url, content=bomb, headers={"Content-Encoding": "gzip"})
+        corrupt = c.post(url, content=b"\x1f\x8b garbage", headers={"Content-Encoding": "gzip"})
+        small = gzip.compress(b'{"inputs": []}')
+        cut = c.post(url, content=small[:-6], headers={"Content-Encoding": "gzip"})
+        brotli = c.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+    assert big.status_code == 413
+    assert "decompressed" in big.json()["error"]
+    assert corrupt.status_code == 400, corrupt.text
+    assert cut.status_code == 400, cut.text
+    assert brotli.status_code == 415
+    assert all(set(r.json()) == {"error"} for r in (big, corrupt, cut, brotli))
+
+
+def test_every_v2_refusal_is_in_protocol_shape(server: LiveServer) -> None:
+    """Unknown paths, wrong methods and the body limit: ``{"error"}``, which tritonclient
+    decodes, never problem+json; /v1 keeps problem+json."""
+    with server.client() as c:
+        unknown = c.get("/v2/models/oip-cls/nothing/here/at/all")
+        method = c.delete("/v2/models/oip-cls/infer")
+        too_big = c.post("/v2/models/oip-cls/infer", content=b"x" * (3 * 1024 * 1024))
+        v1 = c.get("/v1/nothing")
+    for r, status in ((unknown, 404), (method, 405), (too_big, 413)):
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert set(r.json()) == {"error"}
+    assert v1.headers["content-type"] == "application/problem+json"
+
+
+def test_probes_stay_out_of_the_request_rate(
+    server: LiveServer, triton_client: triton.InferenceServerClient
+) -> None:
+    assert triton_client.is_server_live()
+    with server.client() as c:
+        c.get("/healthz")
+        assert c.get("/static/style.css").status_code == 200
+        # A request is counted once its answer is sent: poll until the last one shows.
+        for _ in range(50):
+            text = c.get("/metrics").text
+            if 'restune_probe_requests_total{route="/static/{path}"' in text:
+                break
+            time.sleep(0.1)
+    requests = [ln for ln in text.splitlines() if ln.startswith("restune_requests_total{")]
+    probes = [ln for ln in text.splitlines() if ln.startswith("restune_probe_requests_total{")]
+    for route in ("/v2/health/live", "/healthz", "/static/{path}", "/metrics"):
+        assert not any(f'route="{route}"' in ln for ln in requests), route
+    for route in ("/v2/health/live", "/healthz", "/static/{path}"):
+        assert any(f'route="{route}"' in ln for ln in probes), route
+    assert any('route="/v2/models/{task}/infer"' in ln for ln in requests)

@@ -552,6 +552,11 @@ def test_dashboard_queries_use_only_server_metrics_and_labels() -> None:
         "restune_tuners_loaded",
         "restune_tuners_registered",
         "restune_rejected_requests_total",
+        "restune_answers_total",
+        "restune_tuner_traffic_weight",
+        "restune_task_failures_total",
+        "restune_task_duration_seconds_bucket",
+        "restune_probe_requests_total",
     ):
         assert metric in used, f"no panel reads {metric}"
 

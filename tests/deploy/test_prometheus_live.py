@@ -21,12 +21,16 @@ import httpx
 import pytest
 import yaml
 
+from clients import Client
+from restuning.backbone import TorchBackbone
 from tests.deploy.dashboard_queries import (
     PROMETHEUS_CONFIG,
     RULES,
     dashboard_queries,
     dashboard_variable_queries,
 )
+from tests.fixtures.models import tiny_images
+from tests.fixtures.tuners import make_artifact, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +39,8 @@ JOB = "restune"
 # as soon as the condition holds.
 STARTUP_S = 60.0
 DATA_S = 60.0
+CANARY = "canary"
+IMAGES = tiny_images(8, seed=5)
 
 
 def free_port() -> int:
@@ -180,16 +186,44 @@ def test_prometheus_scrapes_the_live_server(live_server: Any, prometheus: httpx.
     assert sum(float(r["value"][1]) for r in requests) >= 1
 
 
+def canary_traffic(server: Any, backbone: TorchBackbone) -> None:
+    """A tuner split 50/50 between two versions, answering predictions (per-task panels)."""
+    with Client(server.url, admin_token=server.admin_token) as c:
+        for seed in (1, 2):
+            config = make_config(CANARY, backbone)
+            c.push_tuner(CANARY, make_artifact(config, backbone.final_norm, seed=seed))
+    with httpx.Client(base_url=server.url, timeout=30.0) as api:
+        resp = api.put(
+            f"/v1/tuners/{CANARY}/traffic",
+            json={"traffic": {"1": 50, "2": 50}},
+            headers=server.admin_headers,
+        )
+        assert resp.status_code == 200, resp.text
+        files = [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(IMAGES)]
+        resp = api.post("/v1/predict", files=files, data={"tasks": CANARY})
+        assert resp.status_code == 200, resp.text
+
+
 def test_dashboard_and_rules_evaluate_on_live_data(
-    live_server: Any, prometheus: httpx.Client
+    live_server: Any, prometheus: httpx.Client, tiny_backbone: TorchBackbone
 ) -> None:
     with httpx.Client(base_url=live_server.url, timeout=10.0) as api:
         for _ in range(3):
             api.get("/v1/tuners")
+    canary_traffic(live_server, tiny_backbone)
     queries = {q.where: q.expr for q in dashboard_queries()}
 
-    # The core panels show data once two scrapes have happened (rate() needs two samples).
-    for title in ("Replicas serving", "Request rate by status", "Latency p50 / p95 / p99"):
+    # The core panels show data once two scrapes have happened (rate() needs two samples),
+    # and so do the per-task and canary panels once a split tuner has answered.
+    for title in (
+        "Replicas serving",
+        "Request rate by status",
+        "Latency p50 / p95 / p99",
+        "Answers by version (canary splits)",
+        "Traffic weights (canary splits)",
+        "Task latency p95",
+        "Probes, scrapes and static files",
+    ):
         wheres = [w for w in queries if title in w]
         assert wheres, title
         wait_until(

@@ -85,7 +85,13 @@ def test_metrics_stay_small_with_10000_registered_tuners(app_client: TestClient)
     print(f"\n/metrics with {REGISTERED} registered, {ANSWERED} answering: {size} bytes")
     assert re.search(rf"^restune_tuners_registered {REGISTERED}\.0$", text, re.MULTILINE)
     assert re.search(rf"^restune_tuners_loaded {ANSWERED}\.0$", text, re.MULTILINE)
-    for metric in ("restune_predictions_total", "restune_answers_total", "restune_tuner_location"):
+    for metric in (
+        "restune_predictions_total",
+        "restune_answers_total",
+        "restune_tuner_location",
+        "restune_task_successes_total",
+        "restune_task_duration_seconds_count",
+    ):
         labelled = set(re.findall(rf'^{metric}\{{.*?task="([^"]+)"', text, re.MULTILINE))
         assert len(labelled - {"other"}) <= LABEL_CAP, metric
         assert "other" in labelled, metric

@@ -1,12 +1,26 @@
-"""The OIP codec against tritonclient's own request encoder and response decoder."""
+"""The OIP codec against tritonclient's own request encoder and response decoder, and the
+compressed request bodies OIP clients send (``Content-Encoding: gzip``/``deflate``)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Starlette nudges towards httpx2
+    from fastapi.testclient import TestClient
 
 from server.api.json_body import (
     MAX_INT_DIGITS,
@@ -34,6 +48,8 @@ from server.api.oip_codec import (
     encode_response,
     serialize_bytes,
 )
+from server.middleware.body_limit import BodyLimit, BodyLimitMiddleware
+from server.problems import install_exception_handlers
 
 
 def _triton_body(
@@ -379,3 +395,85 @@ def test_json_bodies_are_bounded(body: bytes, too_large: bool) -> None:
 def test_json_at_the_bounds_is_accepted() -> None:
     assert load_json(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH) is not None
     assert load_json(b"[-" + b"9" * MAX_INT_DIGITS + b", 1.5e308, NaN]")[0] < 0
+
+
+# --- compressed request bodies (server.middleware.body_limit) ----------------------------------
+
+LIMIT = 64 * 1024
+
+
+def _echo_app() -> Starlette:
+    """An app that answers the length and sha of the body it read, behind the body limit."""
+
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        return JSONResponse(
+            {
+                "length": len(body),
+                "sha": hashlib.sha256(body).hexdigest(),
+                "encoding": request.headers.get("content-encoding"),
+            }
+        )
+
+    app = Starlette(routes=[Route("/v2/echo", echo, methods=["POST"])])
+    install_exception_handlers(app)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda scope: BodyLimit(LIMIT))
+    return app
+
+
+def _chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress), ("x-gzip", gzip.compress)],
+)
+def test_compressed_bodies_reach_the_route_plain(
+    coding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    plain = np.random.default_rng(0).integers(0, 4, LIMIT - 10, dtype=np.uint8).tobytes()
+    with TestClient(_echo_app()) as client:
+        # Streamed in 1000-byte chunks without a Content-Length: inflated chunk by chunk.
+        resp = client.post(
+            "/v2/echo", content=_chunks(compress(plain)), headers={"Content-Encoding": coding}
+        )
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {
+        "length": len(plain),
+        "sha": hashlib.sha256(plain).hexdigest(),
+        "encoding": None,
+    }
+
+
+def test_a_zip_bomb_stops_at_the_limit() -> None:
+    bomb = gzip.compress(b"\0" * (64 * LIMIT))  # 4 MiB of zeros in about 4 KiB
+    gz = {"Content-Encoding": "gzip"}
+    with TestClient(_echo_app()) as client:
+        whole = client.post("/v2/echo", content=bomb, headers=gz)
+        over = client.post("/v2/echo", content=gzip.compress(b"\0" * (LIMIT + 1)), headers=gz)
+        at_limit = client.post("/v2/echo", content=gzip.compress(b"\0" * LIMIT), headers=gz)
+    assert whole.status_code == 413
+    message = f"decompressed request body exceeds the limit of {LIMIT} bytes"
+    assert whole.json() == {"error": message}
+    assert over.status_code == 413
+    assert at_limit.status_code == 200
+    assert at_limit.json()["length"] == LIMIT
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status"),
+    [
+        ("gzip", b"\x1f\x8b\x08\x00 not gzip", 400),
+        ("gzip", gzip.compress(b"x" * 100)[:-8], 400),  # cut before the end marker
+        ("deflate", gzip.compress(b"x"), 400),  # gzip framing under the deflate name
+        ("br", b"{}", 415),
+        ("gzip, gzip", gzip.compress(gzip.compress(b"x")), 415),
+    ],
+)
+def test_bad_compressed_bodies_are_client_errors(coding: str, body: bytes, status: int) -> None:
+    with TestClient(_echo_app()) as client:
+        resp = client.post("/v2/echo", content=body, headers={"Content-Encoding": coding})
+    assert resp.status_code == status, resp.text
+    assert set(resp.json()) == {"error"}

@@ -45,6 +45,7 @@ LISTINGS = {
     ("GET", "/v1/tuners"),
     ("GET", "/v2/repository/index"),
     ("POST", "/v2/repository/index"),
+    ("GET", "/v2/models/stats"),
 }
 WRITES = [("PUT", "/v1/tuners/{name}"), ("DELETE", "/v1/tuners/{name}")]
 WRITES.append(("PUT", "/v1/tuners/{name}/traffic"))
@@ -106,6 +107,14 @@ def request(
     elif (method, template) == ("POST", "/v2/repository/index"):
         kwargs["json"] = {}
     return client.request(method, url, **kwargs)
+
+
+def rows_of(body: Any) -> list[dict[str, Any]]:
+    """The rows of a listing: ``tuners`` (/v1), ``model_stats`` (statistics) or the list."""
+    if isinstance(body, dict):
+        key = "tuners" if "tuners" in body else "model_stats"
+        return list(body[key])
+    return list(body)
 
 
 def refused(resp: httpx.Response, status: int, template: str) -> None:
@@ -188,6 +197,11 @@ def test_every_tenant_route_is_covered() -> None:
         ("GET", "/v2/models/{task}/versions/{version}"),
         ("GET", "/v2/models/{task}/versions/{version}/ready"),
         ("POST", "/v2/models/{task}/versions/{version}/infer"),
+        ("GET", "/v2/models/{task}/config"),
+        ("GET", "/v2/models/{task}/versions/{version}/config"),
+        ("GET", "/v2/models/{task}/stats"),
+        ("GET", "/v2/models/{task}/versions/{version}/stats"),
+        ("GET", "/v2/models/stats"),
         ("GET", "/v2/repository/index"),
         ("POST", "/v2/repository/index"),
         ("POST", "/v2/repository/models/{task}/load"),
@@ -213,7 +227,7 @@ def test_another_tenants_token_is_refused(
     if (method, template) in LISTINGS:
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        rows = body["tuners"] if isinstance(body, dict) else body
+        rows = rows_of(body)
         names = {row["name"] for row in rows}
         assert names == {"bolt/own"}, names  # only its own tenant's
     else:
@@ -270,7 +284,7 @@ def test_the_owning_tenant_is_served(
     assert resp.status_code in (200, 201), resp.text
     if (method, template) in LISTINGS:
         body = resp.json()
-        rows = body["tuners"] if isinstance(body, dict) else body
+        rows = rows_of(body)
         assert {row["name"] for row in rows} >= {TARGET, OWN}
         assert all(row["name"].startswith("acme/") for row in rows)
     if template.endswith("/unload"):  # leave it as other tests expect it

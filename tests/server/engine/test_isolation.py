@@ -523,6 +523,16 @@ def test_oip_answers_a_poisoned_model_or_image_with_an_error_never_nan(
         )
         return resp.status_code, resp.json()
 
+    def toys_stats() -> dict[str, Any]:
+        stats = tenant_app.get(
+            "/v2/models/bolt/toys/stats",
+            headers={"Authorization": f"Bearer {TENANT_TOKENS['bolt']}"},
+        )
+        assert stats.status_code == 200, stats.text
+        counts: dict[str, Any] = stats.json()["model_stats"][0]["inference_stats"]
+        return counts
+
+    before = toys_stats()
     calls = [
         ("bolt", "bolt/toys", 1.0),
         ("bolt", "bolt/toys", ABSURD_PIXEL_SCALE),  # finite, so the edge lets it through
@@ -541,6 +551,11 @@ def test_oip_answers_a_poisoned_model_or_image_with_an_error_never_nan(
         else:
             assert status == 200, body
             assert all(math.isfinite(v) for out in body["outputs"] for v in _numbers(out["data"]))
+    # The statistics extension counts the engine's error answers (the absurd image's
+    # non-finite features) as failures, beside the successes of the same tuner.
+    after = toys_stats()
+    assert after["fail"]["count"] - before["fail"]["count"] == 3, (before, after)
+    assert after["success"]["count"] - before["success"]["count"] == 3, (before, after)
 
 
 def _numbers(data: list[Any]) -> list[float]:
