@@ -422,7 +422,7 @@ class InferenceService:
             results.append({"image": index, "tasks": answers})
         self.registry.count_answers(answered)
         self.metrics.count_answers(answered)
-        self._record_tasks(tasks, per_image, by_image, loop.time() - started)
+        self._record_tasks(tasks, keys, per_image, by_image, loop.time() - started)
         batches = {c.batch.batch_id: c.batch for c in completed}.values()
         timing = {
             "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
@@ -437,21 +437,29 @@ class InferenceService:
     def _record_tasks(
         self,
         tasks: list[TaskRef],
+        keys: list[str],
         per_image: list[dict[str, _Plan]],
-        by_image: dict[int, Completed],
+        by_image: dict[int, list[tuple[BatchItem, Completed]]],
         total_s: float,
     ) -> None:
         """Per-task success, failure and timing of the request's answers (the per-task
         latency series and the protocol's statistics), tallied per task version first."""
         tallies: dict[tuple[str, int | None], TaskTally] = {}
         for index, plans in enumerate(per_image):
-            done = by_image.get(index)
-            for ref in tasks:
-                plan = plans[ref.name]
+            for ref, key in zip(tasks, keys, strict=True):
+                plan = plans[key]
                 version = plan.version if isinstance(plan, LoadedTuner) else None
                 tally = tallies.get((ref.name, version))
                 if tally is None:
                     tally = tallies[(ref.name, version)] = TaskTally(total_s)
+                done = next(
+                    (
+                        d
+                        for item, d in by_image.get(index, [])
+                        if any(t is plan for t in item.tuners)
+                    ),
+                    None,
+                )
                 if done is None or "error" in done.output.answers.get(ref.name, {}):
                     tally.failed += 1
                     continue
