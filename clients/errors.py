@@ -152,6 +152,7 @@ _CLASS_BY_CODE: dict[str, type[RestuneError]] = {
     "bad_image": BadImage,
     "image_aspect_ratio": BadImage,
     "validation_error": ValidationFailed,
+    "bad_request": ValidationFailed,
     "too_many_tasks": ValidationFailed,
     "no_tasks": ValidationFailed,
     "duplicate_task": ValidationFailed,

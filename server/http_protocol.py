@@ -9,37 +9,47 @@ The body has its own deadline, in :mod:`server.middleware.body_limit`.
 
 Such a request never reaches the app, so it is not in the request metrics or the access log
 (it is logged at debug level here).
+
+A request httptools cannot parse (a bad method, a ``Content-Length`` of ``-1`` or ``1, 1``,
+control bytes in a header, bytes after a body shorter than its declared length) is answered
+400 ``bad_request`` as problem+json like every other refusal, not uvicorn's plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.errors import ApiError
+
 log = logging.getLogger("restune.server")
 
 
-def _timeout_response(timeout_s: float) -> bytes:
-    body = json.dumps(
-        {
-            "type": "urn:restune:error:request_timeout",
-            "title": "Request not received in time",
-            "status": 408,
-            "detail": f"the request headers were not received within {timeout_s:g} s",
-            "code": "request_timeout",
-        }
-    ).encode()
+def _problem_bytes(err: ApiError) -> bytes:
+    """A whole HTTP/1.1 response of ``err`` as problem+json, closing the connection (written
+    straight to the transport: the request never reached the app)."""
+    body = json.dumps(err.problem()).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\n"
+        f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}\r\n"
         "content-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     ).encode()
     return head + body
+
+
+def _timeout_response(timeout_s: float) -> bytes:
+    return _problem_bytes(
+        ApiError(
+            "request_timeout",
+            f"the request headers were not received within {timeout_s:g} s",
+        )
+    )
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
@@ -88,6 +98,12 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
         # The next request's headers get their own deadline (a pipelined one is complete).
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_header_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools refused the request: 400 ``bad_request`` as problem+json (``msg`` is
+        uvicorn's fixed text, nothing of the client's)."""
+        self.transport.write(_problem_bytes(ApiError("bad_request", f"malformed HTTP: {msg}")))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -127,7 +127,12 @@ class PredictJsonRequest(BaseModel):
         description='Task names, each optionally pinned to a version (`"age@3"`); a comma '
         "separated string is accepted too."
     )
-    top_k: int = Field(default=5, description="Labels returned per classification task.")
+    top_k: int = Field(
+        default=5,
+        strict=True,
+        description='Labels returned per classification task (a JSON integer: `true`, `"3"` '
+        "and `3.0` are refused).",
+    )
 
 
 class LabelScore(BaseModel):

@@ -14,6 +14,13 @@ likes otherwise. Past it the route's read fails, the client gets a 408 and the c
 closed. A client that hangs up while sending its body is recorded in the request state
 (``client_disconnected``) so the request is counted as a client's hang-up (499), not a
 server error, whatever the route made of the interruption.
+
+A body sent with a ``Content-Encoding`` (gzip, deflate, anything but ``identity``), or a
+``Transfer-Encoding`` other than ``chunked`` (``gzip, chunked``: uvicorn unchunks it and
+passes the compressed bytes on), is refused at the route's first read with 415
+``unsupported_media_type`` and ``Accept-Encoding: identity`` (RFC 9110 15.5.16): no route
+decompresses, and reading the coded bytes as if they were plain would answer some other
+request than the one the client meant.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ def _too_large(limit: BodyLimit) -> ApiError:
     )
 
 
+def _coded(codings: str) -> ApiError:
+    return ApiError(
+        "unsupported_media_type",
+        f"request bodies are not decoded: send them without a Content-Encoding or a "
+        f"Transfer-Encoding other than chunked (got {codings!r})",
+    )
+
+
 def _timed_out(timeout_s: float) -> ApiError:
     return ApiError(
         "request_timeout",
@@ -76,6 +91,7 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for(scope)
         declared = _content_length(scope)
+        coded = _content_coding(scope)
         timeout_s = self.body_timeout_s
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         received = 0
@@ -86,6 +102,9 @@ class BodyLimitMiddleware:
         async def limited_receive() -> Message:
             nonlocal received, tripped, body_done
             if tripped is not None:
+                raise tripped
+            if coded is not None:
+                tripped = _coded(coded)
                 raise tripped
             if declared is not None and declared > limit.max_bytes:
                 tripped = _too_large(limit)
@@ -121,8 +140,14 @@ class BodyLimitMiddleware:
             # the server reads and drops the rest, so a client still sending sees the answer.
             if not replaced and message["type"] == "http.response.start":
                 replaced = True
-                close = {"Connection": "close"} if tripped.status == 408 else None
-                await problem_response(tripped, scope, headers=close)(scope, receive, send)
+                extra = (
+                    {"Connection": "close"}
+                    if tripped.status == 408
+                    else {"Accept-Encoding": "identity"}
+                    if coded is not None
+                    else None
+                )
+                await problem_response(tripped, scope, headers=extra)(scope, receive, send)
 
         await self.app(scope, limited_receive, guarded_send)
 
@@ -135,3 +160,22 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+_CODING_HEADERS: dict[bytes, frozenset[str]] = {
+    b"content-encoding": frozenset({"", "identity"}),
+    b"transfer-encoding": frozenset({"", "identity", "chunked"}),
+}
+
+
+def _content_coding(scope: Scope) -> str | None:
+    """The body codings of the request nobody here decodes, or None: a ``Content-Encoding``
+    other than ``identity``, or a ``Transfer-Encoding`` other than ``chunked`` (the server
+    only unchunks)."""
+    seen: list[str] = []
+    for name, value in scope.get("headers", ()):
+        if name in _CODING_HEADERS:
+            codings = [c.strip().lower() for c in value.decode("latin-1").split(",")]
+            if any(c not in _CODING_HEADERS[name] for c in codings):
+                seen.append(f"{name.decode()}: {value.decode('latin-1')}")
+    return "; ".join(seen) or None
