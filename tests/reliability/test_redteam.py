@@ -295,3 +295,29 @@ def test_16_bit_tiffs_decode_alike(mode: str) -> None:
 def test_big_endian_16_bit_tiff_is_served(server: LiveServer) -> None:
     resp = send(server.url, predict_form([_tiff_16("I;16B")], CLS))
     assert resp.status == 200, resp.body[:300]
+
+
+# --- traffic version keys -----------------------------------------------------------------
+
+ALIASES = ["01", "+1", " 1", "1 ", "1.0", "1_0", "\u0661", "0x1", "1e0"]
+
+
+@pytest.mark.parametrize("alias", ALIASES, ids=repr)
+def test_traffic_keys_are_canonical_versions(server: LiveServer, alias: str) -> None:
+    """``{"1": 50, "01": 50}`` named version 1 twice and kept one weight (200); any spelling
+    of a version other than its plain number is refused, and the split stays as it was."""
+    with server.client() as c:
+        before = c.get(f"/v1/tuners/{CLS}/traffic").json()
+    for weights in ({alias: 100}, {"1": 50, alias: 50}):
+        resp = send(
+            server.url,
+            RawRequest(
+                "PUT",
+                f"/v1/tuners/{CLS}/traffic",
+                json.dumps({"traffic": weights}).encode(),
+                {"Content-Type": "application/json", **server.admin_headers},
+            ),
+        )
+        _problem(resp, 422, "validation_error")
+    with server.client() as c:
+        assert c.get(f"/v1/tuners/{CLS}/traffic").json() == before
