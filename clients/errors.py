@@ -164,6 +164,7 @@ _CLASS_BY_CODE: dict[str, type[RestuneError]] = {
     "unauthorized": Unauthorized,
     "forbidden": Forbidden,
     "payload_too_large": PayloadTooLarge,
+    "headers_too_large": PayloadTooLarge,
     "image_too_large": PayloadTooLarge,
     "too_many_images": PayloadTooLarge,
     "artifact_too_large": PayloadTooLarge,

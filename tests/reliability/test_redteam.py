@@ -195,6 +195,37 @@ def test_unparseable_requests_get_a_problem(server: LiveServer, data: bytes) -> 
     assert problem["status"] == 400
 
 
+OVERSIZED_HEADS = {
+    "one-100-kb-header": b"GET /healthz HTTP/1.1\r\n"
+    + _HEAD
+    + b"X-Big: "
+    + b"a" * 100_000
+    + b"\r\n\r\n",
+    "20-000-headers": b"GET /healthz HTTP/1.1\r\n" + _HEAD + b"X-A: b\r\n" * 20_000 + b"\r\n",
+    "100-kb-target": b"GET /healthz?" + b"q" * 100_000 + b" HTTP/1.1\r\n" + _HEAD + b"\r\n",
+    "2-mb-header-no-end": b"POST /v1/predict HTTP/1.1\r\n" + _HEAD + b"X-Big: " + b"a" * (2 << 20),
+}
+
+
+@pytest.mark.parametrize("data", OVERSIZED_HEADS.values(), ids=OVERSIZED_HEADS.keys())
+def test_oversized_request_heads_are_refused(server: LiveServer, data: bytes) -> None:
+    """httptools bounds neither one header nor their number: an 8 MB head of ``X-A: b``
+    lines cost the server 106 MB of RSS and answered 200."""
+    try:
+        answer = _raw_exchange(server.url, data)
+    except ConnectionResetError:  # the server closed while we still sent: ask once more
+        pytest.fail("connection reset before the 431 could be read")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0] == "HTTP/1.1 431 Request Header Fields Too Large", lines[:1]
+    assert json.loads(body)["code"] == "headers_too_large"
+
+
+def test_heads_under_the_limit_are_served(server: LiveServer) -> None:
+    data = b"GET /healthz HTTP/1.1\r\n" + _HEAD + b"X-A: b\r\n" * 6_000 + b"\r\n"  # 48 KB
+    assert _raw_exchange(server.url, data).startswith(b"HTTP/1.1 200 ")
+
+
 # --- repeated JSON keys -------------------------------------------------------------------
 
 
