@@ -95,6 +95,11 @@ def _window(
     )
 
 
+_NO_EXTREMA_MODES = frozenset({"I;16B", "I;16L", "I;16N"})
+"""16-bit grey modes PIL decodes (a big-endian TIFF opens as ``I;16B``) but whose extrema it
+cannot compute ("image has wrong mode"); numpy reads them."""
+
+
 def to_rgb(img: Image.Image, window: tuple[int, int, int, int] | None = None) -> Image.Image:
     """RGB pixels of ``window`` (default: all) of a loaded image; 16-bit and float grey
     levels are scaled (by the whole image's range, so a crop keeps them), not clipped."""
@@ -104,7 +109,13 @@ def to_rgb(img: Image.Image, window: tuple[int, int, int, int] | None = None) ->
         # Already RGB: resampling reads the window from the image itself, no copy needed.
         return img if window == (0, 0, img.width, img.height) else img.crop(window)
     if img.mode.startswith("I") or img.mode == "F":
-        lo, hi = img.getextrema()
+        lo: object
+        hi: object
+        if img.mode in _NO_EXTREMA_MODES:
+            values = np.asarray(img)  # (H, W) uint16: PIL's getextrema refuses these modes
+            lo, hi = int(values.min()), int(values.max())
+        else:
+            lo, hi = img.getextrema()
         assert isinstance(lo, int | float)
         assert isinstance(hi, int | float)
         # convert("RGB") would clip values above 255: a 16-bit scan would come out white.

@@ -10,6 +10,8 @@ from typing import Any
 
 STATUS_BY_CODE: dict[str, int] = {
     "validation_error": 422,
+    "bad_request": 400,
+    "headers_too_large": 431,
     "bad_image": 422,
     "image_too_large": 413,
     "image_aspect_ratio": 422,
@@ -53,6 +55,8 @@ STATUS_BY_CODE: dict[str, int] = {
 
 TITLES: dict[str, str] = {
     "validation_error": "Invalid request",
+    "bad_request": "Malformed HTTP request",
+    "headers_too_large": "Request headers too large",
     "bad_image": "Image could not be decoded",
     "image_too_large": "Image too large",
     "image_aspect_ratio": "Image aspect ratio too extreme",

@@ -9,32 +9,39 @@ The body has its own deadline, in :mod:`server.middleware.body_limit`.
 
 Such a request never reaches the app, so it is not in the request metrics or the access log
 (it is logged at debug level here).
+
+A request's head (request line and headers) is at most :data:`MAX_REQUEST_HEAD_BYTES`:
+httptools sets no limit, so within the header deadline a client could send a header of tens
+of MB, or a million small ones (each a tuple uvicorn keeps and every middleware walks: one
+8 MB request of ``X-A: b`` lines cost 106 MB of RSS). Past it: 431 ``headers_too_large``,
+connection closed.
+
+A request httptools cannot parse (a bad method, a ``Content-Length`` of ``-1`` or ``1, 1``,
+control bytes in a header, bytes after a body shorter than its declared length) is answered
+400 ``bad_request`` as problem+json like every other refusal, not uvicorn's plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from server.errors import ApiError
+
 log = logging.getLogger("restune.server")
 
 
-def _timeout_response(timeout_s: float) -> bytes:
-    body = json.dumps(
-        {
-            "type": "urn:restune:error:request_timeout",
-            "title": "Request not received in time",
-            "status": 408,
-            "detail": f"the request headers were not received within {timeout_s:g} s",
-            "code": "request_timeout",
-        }
-    ).encode()
+def _problem_bytes(err: ApiError) -> bytes:
+    """A whole HTTP/1.1 response of ``err`` as problem+json, closing the connection (written
+    straight to the transport: the request never reached the app)."""
+    body = json.dumps(err.problem()).encode()
     head = (
-        "HTTP/1.1 408 Request Timeout\r\n"
+        f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}\r\n"
         "content-type: application/problem+json\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
@@ -42,17 +49,45 @@ def _timeout_response(timeout_s: float) -> bytes:
     return head + body
 
 
+def _timeout_response(timeout_s: float) -> bytes:
+    return _problem_bytes(
+        ApiError(
+            "request_timeout",
+            f"the request headers were not received within {timeout_s:g} s",
+        )
+    )
+
+
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+"""Longest request head: 8x nginx's default header buffer, far above any real client's."""
+DISCARD_S = 1.0
+"""How long a connection whose head was refused is drained before it closes."""
+
+
+class _HeadTooLargeError(Exception):
+    """Raised from a parser callback to stop parsing a head over the limit."""
+
+
 class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
     """:class:`HttpToolsProtocol` refusing requests whose headers take longer than
-    ``header_timeout_s`` (set on a subclass by :func:`protocol_with_header_timeout`)."""
+    ``header_timeout_s`` (set on a subclass by :func:`protocol_with_header_timeout`) or
+    more than :data:`MAX_REQUEST_HEAD_BYTES`."""
 
     header_timeout_s: float = 10.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._head_bytes: int | None = None
+        """Bytes received of the request head being read; None once its headers are in."""
+        self._head_fields = 0
+        """Bytes of the request line and headers parsed so far (a head that came whole in
+        one read, which the count above never sees incomplete)."""
+        self._discarding = False
+        """A refused head was answered: what else arrives is dropped until the close."""
 
     def _arm_header_timer(self) -> None:
+        self._head_bytes = 0
         self._cancel_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
@@ -79,7 +114,54 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
         super().connection_made(transport)
         self._arm_header_timer()
 
+    def data_received(self, data: bytes) -> None:
+        if self._discarding or self.transport.is_closing():
+            return
+        super().data_received(data)
+        # Still no complete head after this chunk: every byte of it was head.
+        if self._head_bytes is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        self._head_fields = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_fields += size
+        if self._head_fields > MAX_REQUEST_HEAD_BYTES:
+            # httptools stops parsing and uvicorn calls send_400_response, which refuses it.
+            raise _HeadTooLargeError
+
+    def _refuse_head(self) -> None:
+        """431, then drop what the client still sends for :data:`DISCARD_S` before closing:
+        closing with unread bytes makes the kernel reset the connection, and a client still
+        sending its head would see the reset instead of the answer."""
+        self._cancel_header_timer()
+        self._head_bytes = None
+        self._discarding = True
+        self.transport.write(
+            _problem_bytes(
+                ApiError(
+                    "headers_too_large",
+                    f"the request line and headers exceed {MAX_REQUEST_HEAD_BYTES} bytes",
+                    limit=MAX_REQUEST_HEAD_BYTES,
+                )
+            )
+        )
+        self.loop.call_later(DISCARD_S, self.transport.close)
+
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
         self._cancel_header_timer()
         super().on_headers_complete()
 
@@ -88,6 +170,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
         # The next request's headers get their own deadline (a pipelined one is complete).
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_header_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools refused the request: 400 ``bad_request`` as problem+json (``msg`` is
+        uvicorn's fixed text, nothing of the client's), or 431 when the head was too long."""
+        if self._head_fields > MAX_REQUEST_HEAD_BYTES:
+            self._refuse_head()
+            return
+        self.transport.write(_problem_bytes(ApiError("bad_request", f"malformed HTTP: {msg}")))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

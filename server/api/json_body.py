@@ -12,7 +12,10 @@ during the parse:
   before parsing: a body of a million ``[]`` takes a second of GIL to parse;
 * numbers are parsed by Python callbacks, which bound an integer's digits and give the
   interpreter a point to hand the GIL to the event loop between two numbers;
-* nesting is at most :data:`MAX_JSON_DEPTH`.
+* nesting is at most :data:`MAX_JSON_DEPTH`;
+* an object names each key once: with ``{"tasks": [a], "tasks": [b]}`` Python keeps the
+  last, another parser (a proxy, a gateway that checked the request) the first, so the
+  server would answer a request nobody on the way saw.
 
 Every route reading a JSON body goes through :func:`load_json` and, above
 :data:`INLINE_PARSE_BYTES`, :func:`parse_off_loop` (a worker thread).
@@ -75,6 +78,18 @@ def _float(text: str) -> float:
     return float(text)
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict (one C call), refused when a key repeats."""
+    doc = dict(pairs)
+    if len(doc) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JsonBodyError(f"key {key[:64]!r} appears more than once in a JSON object")
+            seen.add(key)
+    return doc
+
+
 def _depth_exceeds(doc: Any, limit: int) -> bool:
     """Whether ``doc`` nests arrays/objects deeper than ``limit`` (iterative: no recursion).
 
@@ -108,7 +123,7 @@ def load_json(body: bytes) -> Any:
             too_large=True,
         )
     try:
-        doc = json.loads(body, parse_int=_int, parse_float=_float)
+        doc = json.loads(body, parse_int=_int, parse_float=_float, object_pairs_hook=_object)
     except JsonBodyError:
         raise
     except RecursionError:

@@ -6,9 +6,10 @@ publishes and what the tests hold the engine's output to.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 from server.problems import PROBLEM_MEDIA_TYPE
 from tuners_store.base import MAX_TRAFFIC_VERSIONS
@@ -127,7 +128,12 @@ class PredictJsonRequest(BaseModel):
         description='Task names, each optionally pinned to a version (`"age@3"`); a comma '
         "separated string is accepted too."
     )
-    top_k: int = Field(default=5, description="Labels returned per classification task.")
+    top_k: int = Field(
+        default=5,
+        strict=True,
+        description='Labels returned per classification task (a JSON integer: `true`, `"3"` '
+        "and `3.0` are refused).",
+    )
 
 
 class LabelScore(BaseModel):
@@ -248,12 +254,27 @@ class TunerDetail(TunerSummary):
     traffic: dict[str, int] = Field(default_factory=dict, description=TRAFFIC_DESCRIPTION)
 
 
+_VERSION_KEY = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def _version_key(key: object) -> object:
+    """A traffic key as its canonical decimal only: ``int()`` also reads ``"01"``, ``"+1"``,
+    ``" 1"`` (and pydantic ``"1.0"``), so ``{"1": 50, "01": 50}`` would name version 1
+    twice and silently keep one weight."""
+    if isinstance(key, str) and not _VERSION_KEY.fullmatch(key):
+        raise ValueError("a version is written as its number: 1 to 999999999, no sign or zeros")
+    return key
+
+
 class TrafficIn(BaseModel):
     """``PUT /v1/tuners/{name}/traffic``: integer weights >= 0 for up to 16 versions."""
 
     model_config = ConfigDict(extra="forbid")
 
-    traffic: dict[Annotated[int, Field(ge=1)], Annotated[StrictInt, Field(ge=0)]] = Field(
+    traffic: dict[
+        Annotated[int, BeforeValidator(_version_key), Field(ge=1)],
+        Annotated[StrictInt, Field(ge=0)],
+    ] = Field(
         min_length=1,
         max_length=MAX_TRAFFIC_VERSIONS,
         description=TRAFFIC_DESCRIPTION + '; e.g. {"3": 90, "4": 10}, or {"3": 100} to roll '

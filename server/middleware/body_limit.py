@@ -20,7 +20,8 @@ asked) is decompressed here, incrementally, and the limit applies to the decompr
 well as to the bytes on the wire: a small body that inflates past the limit (a zip bomb) is a
 413 after at most the limit's worth of output, never a buffer of its full size. The route sees
 the plain body and no ``Content-Encoding``; a corrupt or truncated stream is a 400
-``validation_error``, any other encoding a 415 ``unsupported_media_type``. Each chunk inflates in
+``validation_error``, any other encoding (or a ``Transfer-Encoding`` other than ``chunked``) a
+415 ``unsupported_media_type``. Each chunk inflates in
 a worker thread (an inflate of the limit's worth of output takes tens of milliseconds).
 """
 
@@ -96,7 +97,20 @@ def _corrupt(detail: str) -> ApiError:
 
 
 def _content_coding(scope: Scope) -> tuple[int | None, ApiError | None]:
-    """(zlib wbits or None for a plain body, the error for a coding not served)."""
+    """(zlib wbits or None for a plain body, the error for a coding not served).
+
+    A ``Transfer-Encoding`` other than ``chunked`` (``gzip, chunked``: uvicorn unchunks and
+    passes the compressed bytes on) is refused too: read as plain, the coded bytes would answer
+    some other request than the one the client meant."""
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            codings = {c.strip().lower() for c in value.decode("latin-1").split(",")}
+            if not codings <= {"", "identity", "chunked"}:
+                return None, ApiError(
+                    "unsupported_media_type",
+                    f"Transfer-Encoding {value.decode('latin-1')[:40]!r} is not supported: "
+                    "send chunked or a Content-Encoding of gzip or deflate",
+                )
     for name, value in scope.get("headers", ()):
         if name == b"content-encoding":
             coding = value.decode("latin-1").strip().lower()
@@ -204,8 +218,14 @@ class BodyLimitMiddleware:
             # the server reads and drops the rest, so a client still sending sees the answer.
             if not replaced and message["type"] == "http.response.start":
                 replaced = True
-                close = {"Connection": "close"} if tripped.status == 408 else None
-                await problem_response(tripped, scope, headers=close)(scope, receive, send)
+                extra = (
+                    {"Connection": "close"}
+                    if tripped.status == 408
+                    else {"Accept-Encoding": "identity"}
+                    if refused is not None
+                    else None
+                )
+                await problem_response(tripped, scope, headers=extra)(scope, receive, send)
 
         await self.app(scope, limited_receive, guarded_send)
 
