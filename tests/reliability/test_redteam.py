@@ -2,10 +2,11 @@
 
 Every class below answered wrong before its fix (the module docstring of each fix says why):
 
-* a body coding nobody decodes (``Content-Encoding: gzip``, ``br``, anything but
-  ``identity``; ``Transfer-Encoding: gzip, chunked``) was read as plain bytes: a plain body
-  labelled gzip answered 200, a gzipped one 422 ``validation_error``. Now 415
-  ``unsupported_media_type`` with ``Accept-Encoding: identity`` on every route with a body;
+* a body coding was read as plain bytes: a plain body labelled gzip answered 200, a gzipped
+  one 422 ``validation_error``. Now gzip / x-gzip / deflate are decompressed (bounded) and a
+  body that is not what its label says is a 400; any other coding (``br``, ``zstd``,
+  ``Transfer-Encoding: gzip, chunked``) is 415 ``unsupported_media_type`` with
+  ``Accept-Encoding: identity`` on every route with a body;
 * a request httptools cannot parse (bad method, ``Content-Length: -1``, a NUL in a header)
   was answered by uvicorn in ``text/plain``; now a problem+json 400 ``bad_request``;
 * a JSON key given twice (``{"tasks": [a], "tasks": [b]}``) silently kept the last one; now
@@ -20,9 +21,11 @@ One real ``restune serve`` (the fixtures' tiny backbone) holds one classificatio
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import socket
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,16 +72,16 @@ def _problem(resp: Any, status: int, code: str) -> dict[str, Any]:
 
 # --- body codings -------------------------------------------------------------------------
 
-CODINGS = [
-    ("Content-Encoding", "gzip"),
-    ("Content-Encoding", "GZIP"),
-    ("Content-Encoding", "deflate"),
+REFUSED_CODINGS = [
     ("Content-Encoding", "br"),
     ("Content-Encoding", "zstd"),
     ("Content-Encoding", "identity, gzip"),
     ("Content-Encoding", "x" * 3000),
     ("Transfer-Encoding", "gzip, chunked"),
 ]
+"""Codings the server does not decode: refused, never read as plain bytes."""
+DECODED_CODINGS = ["gzip", "GZIP", "x-gzip", "deflate"]
+"""Content codings decompressed before the route reads the body (bounded: test_oip_codec)."""
 
 
 def _with(request: RawRequest, header: str, value: str) -> RawRequest:
@@ -87,6 +90,14 @@ def _with(request: RawRequest, header: str, value: str) -> RawRequest:
         assert isinstance(body, bytes)
         body = [body]
     return RawRequest(request.method, request.target, body, {**request.headers, header: value})
+
+
+def _compressed(request: RawRequest, coding: str) -> RawRequest:
+    body = request.body
+    assert isinstance(body, bytes)
+    packed = zlib.compress(body) if coding == "deflate" else gzip.compress(body)
+    headers = {**request.headers, "Content-Encoding": coding}
+    return RawRequest(request.method, request.target, packed, headers)
 
 
 def _routes(server: LiveServer) -> dict[str, RawRequest]:
@@ -104,28 +115,54 @@ def _routes(server: LiveServer) -> dict[str, RawRequest]:
     }
 
 
-@pytest.mark.parametrize(("header", "value"), CODINGS, ids=[f"{h}-{v[:16]}" for h, v in CODINGS])
+def _refusal(resp: Any, status: int, code: str, route: str) -> str:
+    """The refusal's detail, in the route's protocol: OIP's ``{"error"}`` or problem+json."""
+    if route.startswith("oip"):
+        assert resp.status == status, resp.body[:300]
+        detail: str = resp.json()["error"]
+        return detail
+    return str(_problem(resp, status, code)["detail"])
+
+
+@pytest.mark.parametrize(
+    ("header", "value"), REFUSED_CODINGS, ids=[f"{h}-{v[:16]}" for h, v in REFUSED_CODINGS]
+)
 @pytest.mark.parametrize("route", ["predict-json", "predict-form", "oip-infer", "traffic"])
-def test_coded_bodies_are_refused(server: LiveServer, route: str, header: str, value: str) -> None:
+def test_codings_not_decoded_are_refused(
+    server: LiveServer, route: str, header: str, value: str
+) -> None:
     resp = send(server.url, _with(_routes(server)[route], header, value))
-    body = _problem(resp, 415, "unsupported_media_type")
+    detail = _refusal(resp, 415, "unsupported_media_type", route)
     assert resp.headers.get("accept-encoding") == "identity"
     assert len(resp.body) < 4096, "the coding named is cut, not echoed whole"
-    assert "Encoding" in body["detail"]
+    assert "Encoding" in detail
 
 
-@pytest.mark.parametrize("value", ["gzip", "gzip, chunked"])
-def test_coded_uploads_store_nothing(
-    server: LiveServer, tiny_backbone: TorchBackbone, value: str
+@pytest.mark.parametrize("coding", DECODED_CODINGS)
+@pytest.mark.parametrize("route", ["predict-json", "predict-form", "oip-infer", "traffic"])
+def test_decoded_codings_answer_as_plain_and_a_mislabelled_body_is_refused(
+    server: LiveServer, route: str, coding: str
 ) -> None:
-    header = "Transfer-Encoding" if "chunked" in value else "Content-Encoding"
+    request = _routes(server)[route]
+    plain = send(server.url, request)
+    packed = send(server.url, _compressed(request, coding))
+    assert plain.status == packed.status == 200, packed.body[:300]
+    # Plain bytes labelled compressed: refused as corrupt, never read as plain.
+    mislabelled = send(server.url, _with(request, "Content-Encoding", coding))
+    _refusal(mislabelled, 400, "validation_error", route)
+
+
+def test_coded_uploads_store_nothing(server: LiveServer, tiny_backbone: TorchBackbone) -> None:
     upload = RawRequest(
         "PUT",
         "/v1/tuners/rt-coded",
         art.valid("rt-coded", tiny_backbone),
         {"Content-Type": "application/octet-stream", **server.admin_headers},
     )
-    _problem(send(server.url, _with(upload, header, value)), 415, "unsupported_media_type")
+    refused = send(server.url, _with(upload, "Transfer-Encoding", "gzip, chunked"))
+    _problem(refused, 415, "unsupported_media_type")
+    mislabelled = send(server.url, _with(upload, "Content-Encoding", "gzip"))
+    _problem(mislabelled, 400, "validation_error")
     with server.client() as c:
         assert c.get("/v1/tuners/rt-coded").status_code == 404
 
