@@ -331,9 +331,12 @@ def test_sigterm_lets_in_flight_requests_finish(
 ) -> None:
     # A long batch window holds requests in the queue, so SIGTERM surely lands mid-request.
     # The batcher waits only for clients it expects back (images answered within the window):
-    # 32 images answered at once (4 requests of 8, the test server's limit) make it hold the
-    # next ones for up to 3 s.
-    server = live_server_factory(RESTUNE_MAX_WAIT_MS="3000", RESTUNE_MAX_BATCH_IMAGES="64")
+    # 32 images answered in one batch make it hold the next 12 for up to 3 s.
+    server = live_server_factory(
+        RESTUNE_MAX_WAIT_MS="3000",
+        RESTUNE_MAX_BATCH_IMAGES="64",
+        RESTUNE_MAX_IMAGES_PER_REQUEST="32",
+    )
     assert server.register("drain", artifact("drain", tiny_backbone)).status_code == 201
     n_requests = 6
     images = tiny_images(2, seed=3)
@@ -348,9 +351,8 @@ def test_sigterm_lets_in_flight_requests_finish(
         found = re.search(r"^restune_queue_depth_images (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
-    with ThreadPoolExecutor(4) as pool:
-        primed = list(pool.map(lambda i: one_request(i, tiny_images(8, seed=4 + i)), range(4)))
-    assert [r.status_code for r in primed] == [200] * 4
+    primed = one_request(0, tiny_images(32, seed=4))
+    assert primed.status_code == 200, primed.text
     with ThreadPoolExecutor(n_requests) as pool:
         futures = [pool.submit(one_request, i) for i in range(n_requests)]
         wait_for(lambda: queued_images() >= 2 * n_requests, "all requests to be queued")
