@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from server.api.deps import AdminDep, ReaderDep, ServiceDep, TenancyDep
+from server.api.json_body import JsonBodyError, load_json
 from server.api.routing import TunerRoute
 from server.api.schemas import (
     Deleted,
@@ -113,7 +114,11 @@ async def set_traffic(
             f"{media_type or 'no type'}",
         )
     try:
-        wanted = TrafficIn.model_validate_json(body)
+        # load_json first: it refuses a key given twice ({"1": 0, "1": 100}) that a plain
+        # parse would settle silently by keeping the last.
+        wanted = TrafficIn.model_validate(load_json(body))
+    except JsonBodyError as exc:
+        raise ApiError("validation_error", f"invalid JSON body: {exc}") from None
     except ValidationError as exc:
         raise validation_error([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     weights = await service.registry.set_traffic(name, wanted.traffic)

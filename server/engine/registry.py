@@ -803,7 +803,10 @@ class TunerRegistry:
             info = self._index.get(name)
             if info is None:
                 continue
-            config = await self._config_of(info)
+            try:
+                config = await self._config_of(info)
+            except (TunerNotFound, VersionNotFound):
+                continue  # deleted since the index was read
             out.append(TunerSummary(info, config, self.is_loaded(name, info.version)))
         return out
 
@@ -823,7 +826,11 @@ class TunerRegistry:
             raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
         except StoreError:
             versions = [info]  # store down: say what we know
-        config = await self._config_of(info)
+        try:
+            config = await self._config_of(info)
+        except (TunerNotFound, VersionNotFound):
+            # Deleted between the index read and the blob read: gone, not a store outage.
+            raise ApiError("tuner_not_found", f"no tuner named {name!r}", task=name) from None
         loaded = frozenset(v for (n, v) in self._loaded if n == name)
         traffic = self._traffic.get(name, {info.version: 100})
         answers = {v: n for (owner, v), n in self._answers.items() if owner == name}
@@ -878,6 +885,9 @@ class TunerRegistry:
         return TunerState(placements, traffic)
 
     async def _config_of(self, info: VersionInfo) -> TunerConfig | None:
+        """The config of ``info``'s artifact, or ``None`` when it cannot be read here (an
+        invalid artifact: see :meth:`config_error`; the store unreachable). Raises
+        ``TunerNotFound`` / ``VersionNotFound`` when the version was deleted meanwhile."""
         cached = self._configs.get(info.name)
         if cached is not None and cached[0] == info.sha256:
             return cached[1]
@@ -898,6 +908,8 @@ class TunerRegistry:
             log.warning("config of %s v%d is invalid: %s", info.name, info.version, exc.message)
             self._config_errors[info.name] = (info.sha256, exc.code, exc.message)
             return None
+        except (TunerNotFound, VersionNotFound):
+            raise
         except StoreError as exc:
             log.info("config of %s v%d unavailable: %s", info.name, info.version, exc)
             return None

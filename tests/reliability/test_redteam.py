@@ -389,3 +389,27 @@ def test_traffic_keys_are_canonical_versions(server: LiveServer, alias: str) -> 
         _problem(resp, 422, "validation_error")
     with server.client() as c:
         assert c.get(f"/v1/tuners/{CLS}/traffic").json() == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"traffic": {"1": 0, "1": 100}}', b'{"traffic": {"1": 100}, "traffic": {"1": 0}}'],
+    ids=["version-twice", "traffic-twice"],
+)
+def test_a_traffic_key_given_twice_is_refused(server: LiveServer, body: bytes) -> None:
+    """A plain parse kept the last of two weights for one version (200); now 422, and the
+    split stays as it was."""
+    with server.client() as c:
+        before = c.get(f"/v1/tuners/{CLS}/traffic").json()
+    resp = send(
+        server.url,
+        RawRequest(
+            "PUT",
+            f"/v1/tuners/{CLS}/traffic",
+            body,
+            {"Content-Type": "application/json", **server.admin_headers},
+        ),
+    )
+    assert "more than once" in _problem(resp, 422, "validation_error")["detail"]
+    with server.client() as c:
+        assert c.get(f"/v1/tuners/{CLS}/traffic").json() == before
