@@ -8,6 +8,7 @@ happen inside handlers so that ``restune --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -177,6 +178,23 @@ def register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "--tuner", choices=["res_adapter", "res_prefix", "res_prompt"], default="res_adapter"
     )
     parser.add_argument(
+        "--combine",
+        choices=["sum", "lerp"],
+        default="sum",
+        help="how the bypass meets the backbone: sum, or lerp weighted by --lam",
+    )
+    parser.add_argument("--lam", type=float, default=0.5, help="lerp weight in [0, 1]")
+    parser.add_argument(
+        "--scale-mode",
+        choices=["fixed", "scalar", "channel"],
+        default="fixed",
+        help="the bypass output's scale: fixed (--scale), or learned per tuner or per channel",
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="fixed scale (|x| <= 1000)")
+    parser.add_argument(
+        "--prefix-len", type=int, default=8, help="learned tokens of res_prefix / res_prompt"
+    )
+    parser.add_argument(
         "--search",
         action="store_true",
         help="train the short list of bypass shapes (tuner, pooling, layers) on the same "
@@ -287,6 +305,10 @@ def train_command(args: argparse.Namespace) -> int:
     if not str(args.data).startswith("demo:") and not Path(args.data).exists():
         print(f"--data {args.data}: no such file or directory", file=sys.stderr)
         return 2
+    bad = _tuner_option_error(args)
+    if bad:
+        print(f"restune train: {bad}", file=sys.stderr)
+        return 2
     try:
         _parse_layers(args.layers, 1)  # a malformed --layers fails before any loading
     except ValueError as err:
@@ -314,6 +336,11 @@ def train_command(args: argparse.Namespace) -> int:
             tuner=args.tuner,
             bottleneck=args.bottleneck,
             pooling=args.pooling,
+            combine=args.combine,
+            lam=args.lam,
+            scale_mode=args.scale_mode,
+            scale=args.scale,
+            prefix_len=args.prefix_len,
             embedding_dim=args.embedding_dim,
             description=args.description,
         )
@@ -384,6 +411,20 @@ def train_command(args: argparse.Namespace) -> int:
         state = "registered" if result.created else "unchanged (identical bytes)"
         print(f"pushed {result.name} v{result.version} to {args.push}: {state}")
     return 0
+
+
+def _tuner_option_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the tuner options, checked before anything loads (the artifact's
+    config would refuse the same values, after minutes of feature computation)."""
+    from tuners_store.config import MAX_PREFIX, MAX_SCALE
+
+    if not 0.0 <= args.lam <= 1.0:
+        return f"--lam must be within [0, 1], got {args.lam:g}"
+    if not math.isfinite(args.scale) or abs(args.scale) > MAX_SCALE:
+        return f"--scale must be finite and within +-{MAX_SCALE:g}, got {args.scale:g}"
+    if not 1 <= args.prefix_len <= MAX_PREFIX:
+        return f"--prefix-len must be within 1..{MAX_PREFIX}, got {args.prefix_len}"
+    return None
 
 
 def _push_refusal(

@@ -77,6 +77,10 @@ def test_train_writes_a_loadable_artifact(
         (("--layers", "2-x"), "--layers must be FIRST-LAST"),
         (("--layers", "1-9"), "exceed backbone depth"),
         (("--data", "nowhere"), "no such file or directory"),
+        (("--lam", "1.5"), "--lam must be within [0, 1]"),
+        (("--scale", "nan"), "--scale must be finite"),
+        (("--scale", "1e38"), "--scale must be finite and within"),
+        (("--prefix-len", "0"), "--prefix-len must be within"),
         (("--cache-max-bytes", "1K"), "over its limit of 1.0 KB"),
     ],
 )
@@ -241,3 +245,16 @@ def test_unreadable_images_are_named_before_training(
     assert "left out 1 unreadable images" in skipped.stderr
     summary = read_header((tmp_path / "bad.safetensors").read_bytes()).config.training
     assert summary.extra["skipped_images"] == 1.0
+
+
+def test_every_tuner_option_has_a_flag(digit_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opts.safetensors"
+    done = restune(
+        "train", "--data", str(digit_folder), "--name", "opts", "--out", str(out), *TINY,
+        "--epochs", "1", "--quiet", "--tuner", "res_prompt", "--combine", "lerp", "--lam", "0.3",
+        "--scale-mode", "channel", "--prefix-len", "5", home=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bypass = read_header(out.read_bytes()).config.bypass
+    assert (bypass.tuner, bypass.combine, bypass.lam) == ("res_prompt", "lerp", 0.3)
+    assert (bypass.scale_mode, bypass.prefix_len) == ("channel", 5)
