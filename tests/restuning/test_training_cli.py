@@ -258,3 +258,24 @@ def test_every_tuner_option_has_a_flag(digit_folder: Path, tmp_path: Path) -> No
     bypass = read_header(out.read_bytes()).config.bypass
     assert (bypass.tuner, bypass.combine, bypass.lam) == ("res_prompt", "lerp", 0.3)
     assert (bypass.scale_mode, bypass.prefix_len) == ("channel", 5)
+
+
+@pytest.mark.slow
+def test_a_small_two_class_folder_trains_well_with_the_defaults(tmp_path: Path) -> None:
+    """64 images, two classes, an easy signal, every default (the embedded DINOv2 ViT-S/14,
+    the default schedule): the schedule gives a small folder enough optimizer steps to learn
+    it (the former 64 images a step gave one step an epoch and chance accuracy)."""
+    folder = write_digit_folder(tmp_path / "zero-one", (0, 1), per_class=32, size=64)
+    out = tmp_path / "zero-one.safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESTUNE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "train", "--data", str(folder), "--name", "zo",
+         "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    training = read_header(out.read_bytes()).config.training
+    assert training.val_metric == "accuracy"
+    assert training.val_score is not None
+    assert training.val_score >= 0.9, done.stdout
+    assert training.val_score > training.extra["chance"] + 0.3
