@@ -1,8 +1,8 @@
 """Training at dataset scale: peak RSS, time and feature-cache bytes of ``restune train``.
 
 Each run is a real ``restune train`` child process (``python -m clients.cli train``) on a
-generated image set; its peak RSS is the kernel's ``ru_maxrss`` for that child alone
-(``os.wait4``), so the parent's memory never mixes in. Per pooling (``cls``: CLS rows of every
+generated image set; its peak RSS is the child's own ``VmHWM`` (``/proc``, polled), so the
+parent's memory never mixes in (see :func:`run_child`). Per pooling (``cls``: CLS rows of every
 layer; ``mean``: every token of every layer) and per dataset size, two runs share one cache
 directory:
 
@@ -46,6 +46,8 @@ IMAGE_SIZE = 96
 """Pixels of a generated image (the backbone's preprocessing resizes it)."""
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 SEED = 0
+POLL_S = 0.05
+"""How often a child's VmHWM is read."""
 POOLINGS = ("cls", "mean")
 PHASES = ("cold", "warm")
 
@@ -93,17 +95,39 @@ def generate_images(root: Path, count: int, seed: int = SEED) -> Path:
     return root
 
 
-def run_child(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[str, float]:
-    """Run ``python ARGS``; its wall time, CPU time and peak RSS (from ``wait4``).
+def _high_water_kib(pid: int) -> int:
+    """VmHWM of a running process (0 once it has exited or when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
-    Raises RuntimeError with the tail of its output when it fails.
+
+def run_child(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[str, float]:
+    """Run ``python ARGS``; its wall time, CPU time and peak RSS.
+
+    Peak RSS is the child's own ``VmHWM``, polled every :data:`POLL_S` while it runs: the
+    kernel's ``ru_maxrss`` for a child (``os.wait4``) is at least the parent's own peak,
+    because exec records the high-water mark of the memory map it replaces (the parent's,
+    shared until then). ``ru_maxrss`` is kept beside it, and used when the child ended before
+    the first poll. Raises RuntimeError with the tail of its output when the child fails.
     """
     started = time.perf_counter()
+    peak_kib = 0
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_kib = max(peak_kib, _high_water_kib(proc.pid))
+            time.sleep(POLL_S)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -112,7 +136,8 @@ def run_child(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> dic
     return {
         "wall_s": round(wall, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is KiB on Linux
+        "peak_rss_mb": round((peak_kib or usage.ru_maxrss) / 1024, 1),  # both KiB on Linux
+        "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
     }
 
 
@@ -215,9 +240,10 @@ def run(
         "threads": timing.threads(),
         "code_root": str(code_root),
         "method": (
-            "each run a `restune train` child process; peak RSS = ru_maxrss of that child "
-            "(os.wait4); cold = empty cache (extraction + training), warm = the same command "
-            "again (training from the cache); cache bytes = the chunk files after the run"
+            "each run a `restune train` child process; peak RSS = VmHWM of that child "
+            f"(/proc, polled every {POLL_S} s); cold = empty cache (extraction + training), "
+            "warm = the same command again (training from the cache); cache bytes = the chunk "
+            "files after the run"
         ),
         "runs": runs,
         "rss_growth": growth(runs, profile.sizes),

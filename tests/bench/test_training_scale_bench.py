@@ -30,14 +30,20 @@ def test_generated_images_are_the_same_for_a_seed(tmp_path: Path) -> None:
 
 
 def test_child_peak_rss_is_that_childs_own(tmp_path: Path) -> None:
+    # Big enough to stand out, and the parent's RSS (pytest with torch loaded) is not counted.
+    ballast = bytearray(200 * 1024 * 1024)
+    ballast[:: 1 << 12] = b"x" * len(ballast[:: 1 << 12])
     env = dict(os.environ)
     big = run_child(
-        ["-c", "b = bytearray(300 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"],
+        ["-c", "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); "
+         "time.sleep(0.3)"],
         env, tmp_path, tmp_path / "big.log",
     )  # fmt: skip
-    small = run_child(["-c", "pass"], env, tmp_path, tmp_path / "small.log")
+    small = run_child(["-c", "import time; time.sleep(0.3)"], env, tmp_path, tmp_path / "s.log")
     assert big["peak_rss_mb"] > 300 > small["peak_rss_mb"]
-    assert big["wall_s"] >= 0
+    assert small["ru_maxrss_mb"] >= 200  # what wait4 alone would have said
+    assert big["wall_s"] >= 0.3
+    del ballast
     with pytest.raises(RuntimeError, match="exit 3"):
         run_child(["-c", "import sys; sys.exit(3)"], env, tmp_path, tmp_path / "fail.log")
 
