@@ -63,7 +63,14 @@ from restuning.train.api import TaskOptions, build_config, frozen_norm_copy, tra
 from restuning.train.data import LabeledImages, split_indices
 from restuning.train.demo_data import load_demo
 from restuning.train.feature_cache import FeatureCache
-from restuning.train.loop import Objective, TrainOptions, fit, lr_factor, predict
+from restuning.train.loop import (
+    Objective,
+    TensorRows,
+    TrainOptions,
+    fit,
+    lr_factor,
+    predict,
+)
 from restuning.train.metrics import evaluate
 from restuning.tuners import TaskModule, init_task
 from restuning.tuners.base import PREFIX_INIT_STD
@@ -436,9 +443,9 @@ def run_frozen_query_prefix(
     )
     result = fit(
         module,
-        lambda _epoch: train_data,
+        TensorRows(train_data),
         targets[torch.from_numpy(train_idx)],
-        data[:, torch.from_numpy(val_idx)],
+        TensorRows(data[:, torch.from_numpy(val_idx)].contiguous()),
         targets[torch.from_numpy(val_idx)],
         objective,
         options,

@@ -85,6 +85,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
         one read, which the count above never sees incomplete)."""
         self._discarding = False
         """A refused head was answered: what else arrives is dropped until the close."""
+        self._message_done = True
+        """The request being read has arrived whole (its body too): only then does what
+        follows on the connection start a new head. An early answer (a 413 while the body is
+        still coming) must not count the rest of that body as the next request's head."""
 
     def _arm_header_timer(self) -> None:
         self._head_bytes = 0
@@ -117,16 +121,28 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
     def data_received(self, data: bytes) -> None:
         if self._discarding or self.transport.is_closing():
             return
+        reading_head = self._head_bytes is not None
         super().data_received(data)
-        # Still no complete head after this chunk: every byte of it was head.
-        if self._head_bytes is not None and not self.transport.is_closing():
+        # A head incomplete before and after this chunk: every byte of it was head. (A chunk
+        # that ended the previous body and began a head is not counted: the parsed fields are,
+        # by _count_head.)
+        if reading_head and self._head_bytes is not None and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                 self._refuse_head()
 
     def on_message_begin(self) -> None:
         self._head_fields = 0
+        self._message_done = False
         super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._message_done = True
+        super().on_message_complete()
+        # Answered before its body ended: the next head starts now.
+        answered = self.cycle is None or self.cycle.response_complete
+        if answered and not self.transport.is_closing() and not self.pipeline:
+            self._arm_header_timer()
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -167,8 +183,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # The next request's headers get their own deadline (a pipelined one is complete).
-        if not self.transport.is_closing() and not self.pipeline:
+        # The next request's headers get their own deadline (a pipelined one is complete),
+        # once this request's body has arrived whole (else at its end: on_message_complete).
+        if not self.transport.is_closing() and not self.pipeline and self._message_done:
             self._arm_header_timer()
 
     def send_400_response(self, msg: str) -> None:
