@@ -182,7 +182,8 @@ class TunerConfig(_Model):
 
     @property
     def token_selection(self) -> Literal["cls", "all"]:
-        """CLS-pooled tasks need only CLS rows of the features (RES_TUNING.md, 'Consequence')."""
+        """CLS-pooled tasks need only CLS rows of the features: a bypass over detached
+        features never feeds back into the backbone's other tokens."""
         return "cls" if self.pooling == "cls" else "all"
 
     @property

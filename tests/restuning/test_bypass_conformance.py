@@ -1,5 +1,6 @@
-"""The bypass computes RES_TUNING.md's equations: golden vectors, a straight-line reference
-written here, and CLS-only features giving the all-token answer for CLS tasks."""
+"""The bypass computes the Res-Tuning-Bypass equations (Jiang et al., NeurIPS 2023): golden
+vectors, a straight-line reference written here, and CLS-only features giving the all-token
+answer for CLS tasks."""
 
 from __future__ import annotations
 
