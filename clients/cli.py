@@ -201,12 +201,20 @@ def cmd_tuners_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
 def parse_weights(items: Sequence[str]) -> dict[int, int]:
     """``["3=90", "4=10"]`` -> ``{3: 90, 4: 10}``; raises ValueError naming the bad item."""
     weights: dict[int, int] = {}
     for item in items:
         version, sep, weight = item.partition("=")
-        if not sep or not version.strip().isdecimal() or not weight.strip().isdecimal():
+        # ASCII digits only: str.isdecimal() takes other scripts' digits too.
+        if (
+            not sep
+            or not _DIGITS.fullmatch(version.strip())
+            or not _DIGITS.fullmatch(weight.strip())
+        ):
             raise ValueError(f"{item!r}: write VERSION=WEIGHT, e.g. 3=90")
         if int(version) in weights:
             raise ValueError(f"version {int(version)} is given twice")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def load_backbone(
 
 def _parse_seed(spec: str) -> int:
     text = spec[len(RANDOM_PREFIX) :]
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,19}", text):  # ASCII: str.isdigit() takes superscripts
         raise BackboneLoadError(f"random weights need a non-negative integer seed, got {spec!r}")
     return int(text)
 

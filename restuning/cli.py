@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -285,7 +286,9 @@ def _parse_layers(text: str | None, depth: int) -> tuple[int, int] | None:
     first, sep, last = text.partition("-")
     if not sep:
         first = last = text
-    if not (first.strip().isdigit() and last.strip().isdigit()):
+    if not (
+        re.fullmatch(r"[0-9]{1,4}", first.strip()) and re.fullmatch(r"[0-9]{1,4}", last.strip())
+    ):
         raise ValueError(f"--layers must be FIRST-LAST (1-based), got {text!r}")
     return int(first), int(last)
 

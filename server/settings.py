@@ -7,6 +7,7 @@ defaults. Every size the service accepts has a limit here.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -173,7 +174,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]{1,3})?", v):
             raise ValueError("device must be cpu, cuda or cuda:N")
         return v
 

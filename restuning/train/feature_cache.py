@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -470,7 +471,7 @@ class FeatureCache:
             return
         for tmp in self.dir.glob(".tmp-*"):
             pid_text = tmp.name.split("-")[1] if tmp.name.count("-") >= 2 else ""
-            if pid_text.isdigit() and not _alive(int(pid_text)):
+            if re.fullmatch(r"[0-9]{1,10}", pid_text) and not _alive(int(pid_text)):
                 tmp.unlink(missing_ok=True)
 
     def _bytes_per_image_text(self) -> str:
