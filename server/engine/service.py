@@ -405,15 +405,22 @@ class InferenceService:
 
         results = []
         answered: dict[tuple[str, int], int] = {}
+        # The batch item that answered each (image, task), found once here and reused by the
+        # per-task statistics: None where the task never ran (refused while resolving).
+        ran: list[list[Completed | None]] = []
         for index, tuners in enumerate(per_image):
+            ran_here: list[Completed | None] = []
+            ran.append(ran_here)
             answers: dict[str, Answer] = {}
             for ref, key in zip(tasks, keys, strict=True):
                 plan = tuners[key]
+                ran_here.append(None)
                 if isinstance(plan, ApiError):
                     answers[key] = task_error(plan.code, plan.detail)
                     continue
                 for item, done in by_image.get(index, []):
                     if any(t is plan for t in item.tuners):
+                        ran_here[-1] = done
                         answer = answers[key] = done.output.answers[ref.name]
                         if "version" in answer:
                             counted = (ref.name, int(answer["version"]))
@@ -422,7 +429,7 @@ class InferenceService:
             results.append({"image": index, "tasks": answers})
         self.registry.count_answers(answered)
         self.metrics.count_answers(answered)
-        self._record_tasks(tasks, keys, per_image, by_image, loop.time() - started)
+        self._record_tasks(tasks, keys, per_image, ran, loop.time() - started)
         batches = {c.batch.batch_id: c.batch for c in completed}.values()
         timing = {
             "queue_ms": round(max((c.queue_ms for c in completed), default=0.0), 3),
@@ -439,27 +446,20 @@ class InferenceService:
         tasks: list[TaskRef],
         keys: list[str],
         per_image: list[dict[str, _Plan]],
-        by_image: dict[int, list[tuple[BatchItem, Completed]]],
+        ran: list[list[Completed | None]],
         total_s: float,
     ) -> None:
         """Per-task success, failure and timing of the request's answers (the per-task
-        latency series and the protocol's statistics), tallied per task version first."""
+        latency series and the protocol's statistics), tallied per task version first.
+        ``ran[image][task]``: the batch item that answered it, None if it never ran."""
         tallies: dict[tuple[str, int | None], TaskTally] = {}
-        for index, plans in enumerate(per_image):
-            for ref, key in zip(tasks, keys, strict=True):
+        for plans, ran_here in zip(per_image, ran, strict=True):
+            for ref, key, done in zip(tasks, keys, ran_here, strict=True):
                 plan = plans[key]
                 version = plan.version if isinstance(plan, LoadedTuner) else None
                 tally = tallies.get((ref.name, version))
                 if tally is None:
                     tally = tallies[(ref.name, version)] = TaskTally(total_s)
-                done = next(
-                    (
-                        d
-                        for item, d in by_image.get(index, [])
-                        if any(t is plan for t in item.tuners)
-                    ),
-                    None,
-                )
                 if done is None or "error" in done.output.answers.get(ref.name, {}):
                     tally.failed += 1
                     continue
