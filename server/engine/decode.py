@@ -182,6 +182,26 @@ def _decode_errors(index: int) -> Iterator[None]:
         ) from exc
 
 
+@contextmanager
+def _first_frame(
+    data: bytes, index: int, max_bytes: int, max_pixels: int, max_aspect_ratio: float
+) -> Iterator[Image.Image]:
+    """Image ``index`` opened with every limit checked, on its first frame (an animation's,
+    a TIFF's first page), with decoding errors turned into ``bad_image``."""
+    with (
+        open_checked(
+            data,
+            index,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+        ) as img,
+        _decode_errors(index),
+    ):
+        img.seek(0)
+        yield img
+
+
 def decode_image(
     data: bytes,
     index: int,
@@ -199,17 +219,7 @@ def decode_image(
     TIFFs give their first frame. The server's path is :func:`prepare_image`, which never
     holds the whole image in RGB.
     """
-    with (
-        open_checked(
-            data,
-            index,
-            max_bytes=max_bytes,
-            max_pixels=max_pixels,
-            max_aspect_ratio=max_aspect_ratio,
-        ) as img,
-        _decode_errors(index),
-    ):
-        img.seek(0)  # first frame of an animation / first page of a TIFF
+    with _first_frame(data, index, max_bytes, max_pixels, max_aspect_ratio) as img:
         img.load()
         return to_rgb(img)
 
@@ -230,17 +240,7 @@ def prepare_image(
     image as decoded, without a whole-image RGB copy or a whole-image resize (``fast``: a
     JPEG decodes at its smallest sufficient DCT scale).
     """
-    with (
-        open_checked(
-            data,
-            index,
-            max_bytes=max_bytes,
-            max_pixels=max_pixels,
-            max_aspect_ratio=max_aspect_ratio,
-        ) as img,
-        _decode_errors(index),
-    ):
-        img.seek(0)
+    with _first_frame(data, index, max_bytes, max_pixels, max_aspect_ratio) as img:
         pixels = crop_pixels(img, data_config, mode)  # (H, W, 3) uint8
     return normalise(pixels, data_config)
 
